@@ -98,6 +98,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 10
     local_loss: bool = False
+    checkpoint_every: int = 500  # optimizer steps between resumable checkpoints; 0: only at epoch end
+    val_max_samples: int = 5000  # validation pairs per epoch (recall@K needs an N x N similarity matrix)
+    # LiT: with a fully locked image tower and no augmentation, embed each image once and train on the cache.
+    cache_locked_image: bool = True
 
 
 @dataclass(frozen=True)

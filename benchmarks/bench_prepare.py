@@ -1,0 +1,112 @@
+"""Benchmark the streaming read + clean stage of `vgclip prepare` on a Visual-Genome-sized file.
+
+Writes a synthetic region_descriptions.json (default 5.4M regions over 108k images, ~650 MB, v1.2
+keys, a few duplicates / bad boxes / control characters like the real file) to a temp folder and
+streams it through `iter_clean_regions` (no images involved). Prints one JSON line:
+regions/s and peak RSS for the C (yajl2_c) ijson backend, and the pure-python backend's speed on
+a small slice of the same data for a side-by-side ratio.
+
+    python benchmarks/bench_prepare.py [--regions 5400000] [--images 108077] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+from vgclip.data import visual_genome
+from vgclip.data.cleaning import CleaningSettings, Skips
+from vgclip.data.visual_genome import iter_clean_regions, read_image_data
+
+WORDS = ("man woman dog cat red blue green white black car tree sky cloud building window door street sign "
+         "shirt hat wearing holding on the a of in near behind large small wooden metal glass table chair "
+         "plate food grass water boat train bus light pole fence wall floor roof").split()
+
+
+def write_vg(folder: Path, n_images: int, n_regions: int, seed: int = 0) -> None:
+    """image_data.json + region_descriptions.json with `n_regions` spread over `n_images`."""
+    rng = random.Random(seed)
+    phrases = [" ".join(rng.choices(WORDS, k=rng.randint(2, 7))) for _ in range(20_000)]
+    phrases += ["dup phrase", "Dup Phrase", "tab\there\x07", ""]  # duplicates, control chars, empty
+    with open(folder / "image_data.json", "w") as fh:
+        fh.write(",\n".join(
+            f'{{"width": 800, "url": "https://x/VG_100K/{i}.jpg", "height": 600, "image_id": {i}}}'
+            for i in range(1, n_images + 1)).join("[]"))
+    per_image, extra = divmod(n_regions, n_images)
+    region_id = 0
+    with open(folder / "region_descriptions.json", "w", buffering=1 << 22) as fh:
+        fh.write("[")
+        for i in range(1, n_images + 1):
+            parts = []
+            for _ in range(per_image + (1 if i <= extra else 0)):
+                region_id += 1
+                x, y = rng.randrange(-20, 790), rng.randrange(-20, 590)
+                w, h = rng.randrange(-2, 300), rng.randrange(-2, 300)
+                parts.append(f'{{"region_id": {region_id}, "width": {w}, "height": {h}, "image_id": {i}, '
+                             f'"phrase": {json.dumps(rng.choice(phrases))}, "y": {y}, "x": {x}}}')
+            fh.write(("," if i > 1 else "") + f'{{"regions": [{", ".join(parts)}], "id": {i}}}')
+        fh.write("]")
+
+
+def stream(folder: Path, limit_images: int | None = None) -> tuple[int, int, float, Skips]:
+    """Run read + clean; return (images kept, regions kept, seconds, skips)."""
+    skips = Skips()
+    start = time.perf_counter()
+    meta = read_image_data(folder / "image_data.json", skips)
+    images = regions = 0
+    for _, kept in iter_clean_regions(folder / "region_descriptions.json", meta, CleaningSettings(), skips):
+        images += 1
+        regions += len(kept)
+        if limit_images and images >= limit_images:
+            break
+    return images, regions, time.perf_counter() - start, skips
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regions", type=int, default=5_400_000)
+    parser.add_argument("--images", type=int, default=108_077)
+    parser.add_argument("--python-slice", type=int, default=2_000, help="images streamed by the python backend")
+    parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: temp dir)")
+    args = parser.parse_args()
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        write_vg(folder, args.images, args.regions)
+        gen_s = time.perf_counter() - t0
+        images, regions, secs, skips = stream(folder)
+        total = regions + sum(n for r, n in skips.counts.items() if r.startswith(("phrase", "box", "region")))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        c_rate = total / secs
+        # Same data through the pure-python ijson backend, on a slice (it is far slower).
+        with mock.patch.object(visual_genome, "_backend", lambda: visual_genome.ijson.get_backend("python")):
+            _, py_regions, py_secs, py_skips = stream(folder, limit_images=args.python_slice)
+        py_total = py_regions + sum(n for r, n in py_skips.counts.items()
+                                    if r.startswith(("phrase", "box", "region")))
+        py_rate = py_total / py_secs
+        print(json.dumps({
+            "benchmark": "prepare_read_clean", "regions_in_file": total, "images_kept": images,
+            "regions_kept": regions, "file_mb": round((folder / "region_descriptions.json").stat().st_size / 2**20),
+            "generate_s": round(gen_s, 1), "seconds": round(secs, 2), "regions_per_s": round(c_rate),
+            "peak_rss_mb": round(peak_mb), "backend": getattr(visual_genome._backend(), "backend", "unknown"),
+            "python_backend_regions_per_s": round(py_rate), "c_over_python_speedup": round(c_rate / py_rate, 1),
+            "targets_met": {"regions_per_s>=100000": c_rate >= 100_000, "peak_rss<1GB": peak_mb < 1024},
+            "skip_counts": dict(skips.counts),
+        }))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

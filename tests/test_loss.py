@@ -1,0 +1,115 @@
+"""ClipLoss: a hand-computed example, agreement with open_clip, and the distributed variants."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from vgclip.model.loss import ClipLoss
+
+
+def test_hand_computed_two_by_two():
+    # Orthogonal unit vectors: logits = scale * I, so each row is softmax([s, 0]).
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scale = 2.0
+    expected = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0))
+    assert ClipLoss()(images, texts, torch.tensor(scale)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hand_computed_asymmetric():
+    # Image 0 is equally close to both texts; image 1 matches text 1 only.
+    images = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # logits per image = [[1, 1], [0, 1]]; per text = its transpose [[1, 0], [1, 1]].
+    ce = lambda row, target: -math.log(math.exp(row[target]) / sum(math.exp(v) for v in row))  # noqa: E731
+    image_side = (ce([1, 1], 0) + ce([0, 1], 1)) / 2
+    text_side = (ce([1, 0], 0) + ce([1, 1], 1)) / 2
+    loss = ClipLoss()(images, texts, 1.0)
+    assert loss.item() == pytest.approx((image_side + text_side) / 2, rel=1e-6)
+
+
+def test_matches_open_clip_on_random_embeddings():
+    open_clip_loss = pytest.importorskip("open_clip.loss", reason="open_clip_torch not installed")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(16, 32, generator=gen), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(16, 32, generator=gen), dim=-1)
+    scale = torch.tensor(14.3)
+    ours = ClipLoss()(images, texts, scale)
+    reference = open_clip_loss.ClipLoss()(images, texts, scale)
+    assert ours.item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+def test_gradients_flow_to_embeddings_and_scale():
+    images = torch.randn(4, 8, requires_grad=True)
+    texts = torch.randn(4, 8, requires_grad=True)
+    scale = torch.tensor(3.0, requires_grad=True)
+    ClipLoss()(images, texts, scale).backward()
+    assert images.grad.abs().sum() > 0 and texts.grad.abs().sum() > 0 and scale.grad.abs() > 0
+
+
+def test_shape_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="embeddings"):
+        ClipLoss()(torch.randn(4, 8), torch.randn(3, 8), 1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, images, texts, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        batch = images.shape[0] // world
+        part = slice(rank * batch, (rank + 1) * batch)
+        for local in (False, True):
+            img = images[part].clone().requires_grad_(True)
+            txt = texts[part].clone().requires_grad_(True)
+            loss = ClipLoss(local_loss=local)(img, txt, 5.0)
+            loss.backward()
+            results.put((rank, local, loss.item(), img.grad.clone(), txt.grad.clone()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_loss_covers_the_global_batch():
+    torch.manual_seed(0)
+    world = 2
+    images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, images, texts, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in range(2 * world)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    img = images.clone().requires_grad_(True)
+    txt = texts.clone().requires_grad_(True)
+    reference = ClipLoss()(img, txt, 5.0)
+    reference.backward()
+    for rank, local, loss, img_grad, txt_grad in got:
+        part = slice(rank * 3, (rank + 1) * 3)
+        if not local:
+            # Every rank computes the full global loss.
+            assert loss == pytest.approx(reference.item(), rel=1e-5)
+        # all_gather's backward sums the ranks' gradients. Global: world copies of the global loss;
+        # local: the local losses sum to world x the global loss. Either way world x its gradient.
+        torch.testing.assert_close(img_grad, world * img.grad[part], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(txt_grad, world * txt.grad[part], rtol=1e-4, atol=1e-6)
+    # The local losses average to the global loss (each row of the global logits belongs to one rank).
+    local_losses = [loss for _, local, loss, _, _ in got if local]
+    assert sum(local_losses) / world == pytest.approx(reference.item(), rel=1e-5)

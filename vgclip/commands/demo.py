@@ -1,0 +1,70 @@
+"""`vgclip demo`: the whole job end to end on built-in synthetic data.
+
+synth (Visual Genome + held-out VOC folders) → prepare (shards) → train → zeroshot, each through the same
+code path as the real commands, then a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+# Settings that make the offline-small towers learn the synthetic scenes within a few minutes on a
+# 2-core CPU: small images (the shapes stay recognisable at 112 px), batch 32, a few epochs.
+DEMO_OVERRIDES = (
+    "model.image.image_size=112",
+    "data.batch_size=32",
+    "data.num_workers=1",
+    "train.epochs=3",
+    "train.lr=2e-4",
+    "train.warmup_steps=10",
+    "train.log_every=10",
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="run synth → prepare → train → zeroshot on built-in synthetic data")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, shards, run and report")
+    p.add_argument("--config", default="offline-small", help="preset or YAML file for training")
+    p.add_argument("--train-images", type=int, default=1500, help="synthetic Visual Genome images")
+    p.add_argument("--voc-images", type=int, default=400, help="synthetic VOC images (half trainval, half test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for training")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vgclip.cli import main as cli
+
+    out: Path = args.out
+    data, shards, run_dir, report = out / "data", out / "shards", out / "run", out / "report"
+    started = time.monotonic()
+    steps = [
+        ("synthetic data", ["synth", "--out", str(data), "--train-images", str(args.train_images),
+                            "--voc-images", str(args.voc_images), "--seed", str(args.seed)]),
+        ("shards", ["prepare", "--vg-root", str(data / "vg"), "--out", str(shards)]),
+        ("training", ["train", "--data", str(shards), "--out", str(run_dir), "--config", args.config,
+                      *DEMO_OVERRIDES, f"train.seed={args.seed}", *args.overrides]),
+        ("zero-shot evaluation", ["zeroshot", "--checkpoint", str(run_dir), "--voc-root", str(data / "voc"),
+                                  "--split", "test", "--out", str(report)]),
+    ]
+    for index, (title, argv) in enumerate(steps, 1):
+        print(f"\n=== [{index}/{len(steps)}] {title}: vgclip {' '.join(argv)}", flush=True)
+        code = cli(argv)
+        if code:
+            print(f"demo stopped: step '{title}' failed (exit code {code})")
+            return code
+    summary = json.loads((report / "report.json").read_text(encoding="utf-8"))
+    print()
+    print(format_summary(summary))
+    print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Report: {report / 'report.md'}")
+    return 0
+
+
+def format_summary(report: dict) -> str:
+    """The demo's closing table: threshold sweep (accuracy / sensitivity / specificity) and mAP vs chance."""
+    from vgclip.eval.report import summary_table
+
+    return summary_table(report)

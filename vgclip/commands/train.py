@@ -1,0 +1,52 @@
+"""`vgclip train`: train the dual encoder on prepared shards; resumable; multi-GPU under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `vgclip train`."""
+    p = subparsers.add_parser(
+        "train",
+        help="train CLIP on prepared shards (checkpoints, exact resume, accumulation, DDP)",
+        description="Train on SHARDS/train (validating on SHARDS/val each epoch when present) and write the run "
+        "folder: config.yaml, model.safetensors, text_tower/, metrics.csv, checkpoints/step-N/. "
+        "Several GPUs: torchrun --nproc_per_node N -m vgclip.cli train ...",
+    )
+    p.add_argument("--data", required=True, type=Path, help="shard folder written by `vgclip prepare`")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--config", help="preset name (tiny, offline-small, seed) or a YAML file; default: "
+                   "the run's config.yaml when resuming, else the built-in defaults")
+    p.add_argument("--resume", help="'latest' (newest checkpoint in --out) or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that already holds checkpoints (they are deleted)")
+    p.add_argument("--voc-root", type=Path, help="evaluate the final model zero-shot on this Pascal VOC folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, check the run folder, train, print the summary as JSON."""
+    import shutil
+
+    from vgclip.config import load_config
+    from vgclip.errors import VgclipError
+    from vgclip.train.loop import train
+
+    config_source = args.config
+    saved = args.out / "config.yaml"
+    if config_source is None and args.resume and saved.is_file():
+        config_source = str(saved)  # a resumed run keeps its settings unless told otherwise
+    config = load_config(config_source, args.overrides)
+    checkpoints = args.out / "checkpoints"
+    if args.resume is None and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if not args.overwrite:
+            raise VgclipError(f"{args.out} already holds a run's checkpoints: pass --resume latest to continue it "
+                              "or --overwrite to start again")
+        shutil.rmtree(checkpoints)
+    summary = train(config, args.data, args.out, resume=args.resume, voc_root=args.voc_root)
+    print(json.dumps(summary, default=str))
+    return 0

@@ -1,0 +1,93 @@
+"""`vgclip zeroshot`: zero-shot multi-label evaluation of a trained run on a Pascal VOC folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `vgclip zeroshot`."""
+    p = subparsers.add_parser(
+        "zeroshot",
+        help="zero-shot multi-label evaluation on Pascal VOC (mAP, chance, thresholds, plots)",
+        description="Score every VOC class for every image of a split, report AP/mAP (and VOC07 11-point AP), "
+        "ROC AUC, chance level and accuracy/sensitivity/specificity/precision/F1 at thresholds; tune thresholds "
+        "on a separate split and apply them to the evaluation split. Writes report.json, report.md, scores.csv, "
+        "thresholds.json and PNG plots to --out.",
+    )
+    p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
+    p.add_argument("--voc-root", required=True, type=Path, help="VOC20xx folder, its VOCdevkit, or the folder above")
+    p.add_argument("--split", default="test", help="evaluation split (ImageSets/Main/<split>.txt; default test)")
+    p.add_argument("--tune-split", default="trainval", help="split to tune thresholds on ('none' to skip; default trainval)")
+    p.add_argument("--tune-on-eval", action="store_true", help="allow tuning thresholds on the evaluation split (optimistic)")
+    p.add_argument("--classes", default="auto", help="auto (default), voc (standard 20), 'a,b,c', or a file with one per line")
+    p.add_argument("--class-names", type=Path, help="YAML mapping class -> text used in prompts")
+    p.add_argument("--strict-classes", action="store_true", help="fail on an annotated class outside the class list")
+    p.add_argument("--score", choices=("softmax", "sigmoid", "cosine"), help="same as eval.score=...")
+    p.add_argument("--templates", choices=("single", "ensemble"), help="same as eval.templates=...")
+    p.add_argument("--difficult", choices=("ignore", "positive"), help="same as eval.difficult=...")
+    p.add_argument("--threshold-mode", choices=("global", "per_class"), default="per_class",
+                   help="one threshold for all classes or one per class (default per_class)")  # fmt: skip
+    p.add_argument("--objective", default="f1",
+                   help="what tuning maximises: accuracy, youden (balanced accuracy), f1 (default), "
+                   "sensitivity:T or specificity:T (reach the target, best of the other rate)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="overrides of eval.* settings")
+    p.set_defaults(run=run)
+
+
+def eval_config_for(checkpoint: str | Path, overrides: list[str]) -> Any:
+    """The eval settings: the run's config.yaml `eval` section (when found) with `eval.*` overrides applied."""
+    from vgclip.config import load_config
+    from vgclip.errors import ConfigError
+
+    fixed = []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if "." in key and not key.startswith("eval."):
+            raise ConfigError(f"override {item!r}: only eval.* settings can be changed here")
+        fixed.append(item if key.startswith("eval.") else f"eval.{item}")
+    path = Path(checkpoint)
+    candidates = [path / "config.yaml"] if path.is_dir() else [path.parent / "config.yaml"]
+    config_file = next((c for c in candidates if c.is_file()), None)
+    return load_config(str(config_file) if config_file else None, fixed).eval
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the run, evaluate, write the report folder and print the summary table."""
+    import vgclip
+    from vgclip.errors import VgclipError
+    from vgclip.eval.prompts import load_name_overrides
+    from vgclip.eval.report import summary_table
+    from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
+
+    overrides = list(args.overrides)
+    for key in ("score", "templates", "difficult"):
+        if getattr(args, key):
+            overrides.append(f"eval.{key}={getattr(args, key)}")
+    eval_cfg = eval_config_for(args.checkpoint, overrides)
+    if args.workers < 0:
+        raise VgclipError("--workers must be 0 or more")
+    options = ZeroshotOptions(
+        tune_split=None if args.tune_split == "none" else args.tune_split,
+        tune_on_eval=args.tune_on_eval,
+        classes=args.classes,
+        class_names=load_name_overrides(args.class_names),
+        threshold_mode=args.threshold_mode,
+        objective=args.objective,
+        strict_classes=args.strict_classes,
+        num_workers=args.workers,
+        plots=not args.no_plots,
+        checkpoint=str(args.checkpoint),
+    )
+    model, image_transform, tokenizer = vgclip.load_checkpoint(args.checkpoint)
+    report = run_zeroshot(model, image_transform, tokenizer, args.voc_root, args.split, eval_cfg, args.out,
+                          options, device=args.device)  # fmt: skip
+    print(summary_table(report))
+    print(f"report: {args.out / 'report.md'}")
+    return 0

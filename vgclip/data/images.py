@@ -1,0 +1,129 @@
+"""Safe image opening: format sniffing, size limits (decompression bombs) and conversion to RGB.
+
+Every problem becomes a `BadImageError` carrying a short `reason` (used as a skip count key), so a
+bad file in a dataset is a counted skip rather than a crash inside a worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from vgclip.errors import VgclipError
+
+# Real VG images are at most ~1280 px on a side; 64 Mpx leaves room for any photo dataset while
+# refusing bombs long before they allocate gigabytes.
+DEFAULT_MAX_PIXELS = 64_000_000
+# An image may be re-saved at a somewhat higher resolution than its metadata says; "far larger"
+# means more than this factor in pixel count.
+DEFAULT_SIZE_FACTOR = 4.0
+# Decoders we trust; anything else (PSD, EPS, ...) is refused before a decoder runs.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+_EXPECTED_FORMAT = {
+    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
+    ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
+}
+# Never accept truncated data silently (Pillow's default, enforced in case a caller changed it).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadImageError(VgclipError):
+    """An image file that cannot be used; `reason` is a short key such as "truncated"."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str = "") -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def open_image_checked(
+    path: str | Path,
+    expected_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    size_factor: float = DEFAULT_SIZE_FACTOR,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Open `path` as a fully decoded RGB image or raise `BadImageError`.
+
+    The real format is sniffed from the bytes (a PNG named .jpg decodes fine; the mismatch is noted
+    in ``image.info["vgclip_notes"]``). `expected_size` is the (width, height) the metadata claims:
+    an image with more than `size_factor` times that many pixels is refused, as is any image over
+    `max_pixels`. `draft_size` lets the JPEG decoder downscale while decoding (much faster when
+    the caller will shrink the image anyway); the decoded size may then be smaller than the file's.
+    """
+    path = Path(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImageError(path, "empty_file")
+    except FileNotFoundError:
+        raise BadImageError(path, "missing_file") from None
+    except OSError as exc:
+        raise BadImageError(path, "unreadable", str(exc)) from None
+    with warnings.catch_warnings():
+        # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; make it an error too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=ALLOWED_FORMATS) as img:
+                notes = _check_header(img, path, expected_size, max_pixels, size_factor)
+                if draft_size is not None and img.format == "JPEG":
+                    img.draft("RGB", draft_size)
+                img.load()
+                rgb = to_rgb(img)
+        except BadImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadImageError(path, "too_many_pixels", str(exc)) from None
+        except UnidentifiedImageError:
+            raise BadImageError(path, "not_an_image") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            # Pillow reports truncation as OSError("image file is truncated ...") or a broken
+            # data stream; both mean the file is incomplete.
+            message = str(exc).lower()
+            reason = "truncated" if "truncat" in message or "broken" in message else "decode_error"
+            raise BadImageError(path, reason, str(exc)) from None
+    rgb.info["vgclip_notes"] = notes
+    return rgb
+
+
+def _check_header(
+    img: Image.Image,
+    path: Path,
+    expected_size: tuple[int, int] | None,
+    max_pixels: int,
+    size_factor: float,
+) -> list[str]:
+    """Refuse oversize images from the header alone (before decoding); return format notes."""
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise BadImageError(path, "zero_size")
+    if width * height > max_pixels:
+        raise BadImageError(path, "too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+    if expected_size is not None:
+        exp_w, exp_h = expected_size
+        if exp_w > 0 and exp_h > 0 and width * height > size_factor * exp_w * exp_h:
+            raise BadImageError(path, "larger_than_expected", f"{width}x{height}, metadata says {exp_w}x{exp_h}")
+    notes = []
+    claimed = _EXPECTED_FORMAT.get(path.suffix.lower())
+    if claimed is not None and img.format != claimed:
+        notes.append(f"format_mismatch:{img.format}_named_{path.suffix.lower().lstrip('.')}")
+    return notes
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode (CMYK, L, P, I;16, RGBA, LA, PA ...) to RGB; transparency is composited over white."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit grayscale: scale 0..65535 to 0..255 instead of letting convert() clip at 255.
+        img = img.convert("I")
+        if img.getextrema()[1] > 255:
+            img = img.point(lambda v: v * (1 / 257))
+        img = img.convert("L")
+    return img.convert("RGB") if img.mode != "RGB" else img.copy()

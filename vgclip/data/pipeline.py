@@ -1,0 +1,253 @@
+"""The `prepare` pipeline: cleaned records -> split -> shards in parallel -> manifest.json.
+
+1. Records from a source (VG, COCO, CSV) are spooled to `SHARDS/.state/records.jsonl`, keeping
+   only (key -> file offset) in memory, so memory stays bounded for the full VG.
+2. The split orders keys by a seeded stable hash (see cleaning.assign_split); shards are filled in
+   that order, so each shard is a random-looking but reproducible sample of its split.
+3. Shards are written by a process pool, one task (list of records) per shard. A shard whose
+   final file and `.state/` result exist with the same keys and settings is kept (resume);
+   everything else is (re)written.
+4. manifest.json is written atomically with counts, settings, shard lists and every skip.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vgclip.data.cleaning import CleaningSettings, Skips, assign_split
+from vgclip.data.images import DEFAULT_MAX_PIXELS
+from vgclip.data.shards import (
+    FORMATS, ShardResult, ShardTask, result_from_json, shard_name, state_path, tfrecord_writer_class, write_shard,
+)
+from vgclip.errors import VgclipError
+from vgclip.io import atomic_path
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything that shapes the output; recorded verbatim in manifest.json."""
+
+    max_side: int = 512
+    shard_size: int = 1000
+    workers: int = 1
+    format: str = "webdataset"
+    jpeg_quality: int = 90
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    train_images: int = 80_000
+    val_images: int = 8_000
+    seed: int = 0
+    exclude_ids_file: str | None = None
+    cleaning: CleaningSettings = field(default_factory=CleaningSettings)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change a shard's bytes (not workers, not split sizes)."""
+        keys = {"max_side": self.max_side, "format": self.format, "jpeg_quality": self.jpeg_quality,
+                "max_pixels": self.max_pixels, "cleaning": asdict(self.cleaning)}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_exclude_ids(path: str | Path | None) -> set[str]:
+    """Ids from a file with one id per line (blank lines and '#' comments ignored)."""
+    if path is None:
+        return set()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise VgclipError(f"--exclude-ids {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise VgclipError(f"--exclude-ids {path}: not UTF-8 text") from None
+    return {line.split("#", 1)[0].strip() for line in lines} - {""}
+
+
+def run_prepare(records: Iterable[dict], out: str | Path, settings: PrepareSettings, skips: Skips,
+                inputs: dict, progress: bool = True) -> dict:
+    """Run the whole pipeline over `records` into `out`; return the manifest (also written to disk)."""
+    if settings.format not in FORMATS:
+        raise VgclipError(f"--format {settings.format}: choose one of {', '.join(FORMATS)}")
+    if settings.format == "tfrecord":
+        tfrecord_writer_class()  # fail fast, before any work, if the package is missing
+    if settings.max_side < 16 or settings.shard_size < 1:
+        raise VgclipError("--max-side must be >= 16 and --shard-size >= 1")
+    out = Path(out)
+    state_dir = out / ".state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    excluded = read_exclude_ids(settings.exclude_ids_file)
+    spool = state_dir / "records.jsonl"
+    try:
+        offsets = _spool_records(records, spool, excluded, skips)
+        train_keys, val_keys = assign_split(offsets, settings.train_images, settings.val_images, settings.seed)
+        chosen = set(train_keys) | set(val_keys)
+        for key in sorted(offsets.keys() - chosen):
+            skips.add(key, "beyond_split_sizes")
+        results = _write_all_shards(out, spool, offsets, {"train": train_keys, "val": val_keys}, settings,
+                                    progress)
+    finally:
+        spool.unlink(missing_ok=True)
+    manifest = _build_manifest(results, settings, skips, inputs)
+    with atomic_path(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.chmod(tmp, 0o644)  # the temp file is created 0600; the manifest is meant to be shared
+    return manifest
+
+
+def _spool_records(records: Iterable[dict], spool: Path, excluded: set[str], skips: Skips) -> dict[str, tuple]:
+    """Write records as JSON lines; return key -> (offset, length). Excluded ids become skips."""
+    offsets: dict[str, tuple[int, int]] = {}
+    with open(spool, "wb") as fh:
+        for record in records:
+            key = record["key"]
+            if str(record["image_id"]) in excluded or key in excluded:
+                skips.add(key, "excluded_id")
+                continue
+            if key in offsets:
+                skips.add(key, "duplicate_image_id")
+                continue
+            line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+            offsets[key] = (fh.tell(), len(line))
+            fh.write(line)
+    return offsets
+
+
+def _plan_tasks(out: Path, split_keys: dict[str, list[str]],
+                settings: PrepareSettings) -> Iterator[tuple[str, int, list[str]]]:
+    """(split, shard index, keys) of every shard, creating split folders and removing stale files."""
+    for split in SPLITS:
+        keys = split_keys[split]
+        split_dir = out / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        n_shards = -(-len(keys) // settings.shard_size)
+        _remove_stale(split_dir, out / ".state", split, n_shards, FORMATS[settings.format])
+        for index in range(n_shards):
+            yield split, index, keys[index * settings.shard_size:(index + 1) * settings.shard_size]
+
+
+def _remove_stale(split_dir: Path, state_dir: Path, split: str, n_shards: int, suffix: str) -> None:
+    """Delete partial temp files and shards outside the plan (left by a run with other settings)."""
+    for path in split_dir.glob(".shard-*.tmp"):
+        path.unlink()
+    for path in list(split_dir.glob("shard-*")):
+        index = path.name.split("-", 1)[1].split(".", 1)[0]
+        if index.isdigit() and int(index) < n_shards and path.suffix == suffix:
+            continue
+        path.unlink()
+        if index.isdigit():
+            state_path(state_dir, split, int(index)).unlink(missing_ok=True)
+
+
+def _completed(out: Path, split: str, index: int, keys: list[str], settings: PrepareSettings) -> ShardResult | None:
+    """The stored result of a shard finished by an earlier run with the same keys and settings."""
+    final = out / split / shard_name(index, settings.format)
+    state = state_path(out / ".state", split, index)
+    if not (final.is_file() and state.is_file()):
+        return None
+    try:
+        result = result_from_json(json.loads(state.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError):
+        return None
+    if result.keys != keys or result.fingerprint != settings.fingerprint():
+        return None
+    return result
+
+
+def _write_all_shards(out: Path, spool: Path, offsets: dict, split_keys: dict[str, list[str]],
+                      settings: PrepareSettings, progress: bool) -> list[ShardResult]:
+    """Keep completed shards, write the others (in a process pool when workers > 1)."""
+    results: list[ShardResult] = []
+    todo: list[tuple[str, int, list[str]]] = []
+    for split, index, keys in _plan_tasks(out, split_keys, settings):
+        done = _completed(out, split, index, keys, settings)
+        if done is not None:
+            results.append(done)
+        else:
+            todo.append((split, index, keys))
+    bar = tqdm(total=len(todo), unit="shard", desc="writing shards", disable=not progress, file=sys.stderr)
+    with open(spool, "rb") as fh:
+        tasks = (_make_task(out, fh, offsets, split, index, keys, settings) for split, index, keys in todo)
+        for result in _run_tasks(tasks, settings.workers):
+            results.append(result)
+            bar.update(1)
+            bar.set_postfix(images=sum(r.images for r in results))
+    bar.close()
+    return sorted(results, key=lambda r: (SPLITS.index(r.split), r.index))
+
+
+def _make_task(out: Path, fh, offsets: dict, split: str, index: int, keys: list[str],
+               settings: PrepareSettings) -> ShardTask:
+    records = []
+    for key in keys:
+        offset, length = offsets[key]
+        fh.seek(offset)
+        records.append(json.loads(fh.read(length)))
+    return ShardTask(split=split, index=index, out_dir=str(out / split), state_dir=str(out / ".state"),
+                     records=records, fingerprint=settings.fingerprint(), max_side=settings.max_side,
+                     jpeg_quality=settings.jpeg_quality, max_pixels=settings.max_pixels, fmt=settings.format)
+
+
+def _run_tasks(tasks: Iterator[ShardTask], workers: int) -> Iterator[ShardResult]:
+    """Run shard tasks inline (workers <= 1) or in a spawn process pool with a bounded window."""
+    if workers <= 1:
+        yield from (write_shard(t) for t in tasks)
+        return
+    # spawn: never fork a process that may hold threads (tqdm monitor, BLAS); the window keeps
+    # at most 2 shards per worker of records in memory.
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pending: set[cf.Future] = set()
+            for task in tasks:
+                pending.add(pool.submit(write_shard, task))
+                if len(pending) >= 2 * workers:
+                    done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+            for future in cf.as_completed(pending):
+                yield future.result()
+    except BrokenProcessPool:
+        raise RuntimeError("a shard-writing process died (out of memory?); rerun the same command to resume "
+                           "(finished shards are kept), perhaps with fewer --workers") from None
+
+
+def _build_manifest(results: list[ShardResult], settings: PrepareSettings, skips: Skips, inputs: dict) -> dict:
+    """manifest.json: counts and shard lists per split, exact settings, skips and notes."""
+    notes = Skips()
+    splits = {s: {"images": 0, "regions": 0, "shards": []} for s in SPLITS}
+    for result in results:
+        entry = splits[result.split]
+        entry["images"] += result.images
+        entry["regions"] += result.regions
+        entry["shards"].append(f"{result.split}/{result.name}")
+        skips.extend(result.skipped)
+        notes.extend(result.notes)
+    return {
+        "format": settings.format,
+        "inputs": inputs,
+        "settings": asdict(settings),
+        "splits": splits,
+        "skipped": skips.to_json(),
+        "notes": notes.to_json(),
+    }
+
+
+def format_summary(manifest: dict, out: str | Path) -> str:
+    """A few human-readable lines summarising a manifest."""
+    lines = [f"wrote {out}"]
+    for split, entry in manifest["splits"].items():
+        lines.append(f"  {split}: {entry['images']} images, {entry['regions']} phrases, {len(entry['shards'])} shards")
+    counts = manifest["skipped"]["counts"]
+    lines.append(f"  skipped: {sum(counts.values())} items" + ("" if counts else " (none)"))
+    lines.extend(f"    {reason}: {n}" for reason, n in counts.items())
+    for reason, n in manifest["notes"]["counts"].items():
+        lines.append(f"  note {reason}: {n}")
+    return "\n".join(lines)

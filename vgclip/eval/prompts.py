@@ -1,0 +1,87 @@
+"""Class names as readable text, prompt templates, and the zero-shot text classifier (one embedding per class)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from vgclip.errors import VgclipError
+
+# VOC's folder-style names -> words a caption would use.
+READABLE_NAMES: dict[str, str] = {
+    "aeroplane": "airplane",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "tvmonitor": "tv monitor",
+    "motorbike": "motorbike",
+}
+
+SINGLE_TEMPLATE = "a photo of a {}."
+
+# Our own ensemble: short, caption-like phrasings close to Visual Genome region descriptions.
+ENSEMBLE_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image containing a {}.",
+    "a {} in the scene.",
+    "there is a {} in this photo.",
+    "a close-up photo of a {}.",
+    "a blurry photo of a {}.",
+    "a {} seen from far away.",
+    "a photo with a {} in it.",
+    "the {}.",
+)
+
+TEMPLATE_SETS = ("single", "ensemble")
+
+
+def readable_name(name: str, overrides: Mapping[str, str] | None = None) -> str:
+    """The text used for class `name`: an override, the built-in readable form, or the name with _ as spaces."""
+    if overrides and name in overrides:
+        return overrides[name]
+    return READABLE_NAMES.get(name, name.replace("_", " "))
+
+
+def load_name_overrides(path: str | Path | None) -> dict[str, str]:
+    """A YAML mapping `class: "readable text"` (empty when no path is given)."""
+    if not path:
+        return {}
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise VgclipError(f"{path}: cannot read class-name overrides ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) and v.strip() for v in data.values()):
+        raise VgclipError(f"{path}: class-name overrides must map each class to a non-empty string")
+    return {str(k): v.strip() for k, v in data.items()}
+
+
+def templates_for(kind: str) -> tuple[str, ...]:
+    """The prompt templates of `eval.templates` ("single" or "ensemble")."""
+    if kind == "single":
+        return (SINGLE_TEMPLATE,)
+    if kind == "ensemble":
+        return ENSEMBLE_TEMPLATES
+    raise VgclipError(f"eval.templates must be one of {', '.join(TEMPLATE_SETS)}, got {kind!r}")
+
+
+@torch.inference_mode()
+def build_text_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], Mapping[str, torch.Tensor]],
+    class_texts: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Unit-norm class embeddings [C, D]: each class's template embeddings averaged, then renormalised (as CLIP)."""
+    weights = []
+    for text in class_texts:
+        prompts = [template.format(text) for template in templates]
+        tokens = {k: v.to(device) for k, v in tokenizer(prompts).items()}
+        emb = model.encode_text(tokens, normalize=True).float()
+        mean = emb.mean(dim=0)
+        weights.append(mean / mean.norm().clamp_min(1e-12))
+    return torch.stack(weights)

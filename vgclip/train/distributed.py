@@ -1,0 +1,83 @@
+"""Distributed data parallel from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+Without those variables everything degrades to a single process on one device, so the same loop
+runs unchanged on a laptop and under `torchrun --nproc_per_node N -m vgclip.cli train ...`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files, logs and shows the progress bar."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by torchrun's variables (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return DistInfo(device=device)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP-wrap for multi-process runs; BatchNorm becomes SyncBatchNorm so its statistics span the global batch."""
+    if not info.distributed:
+        return model
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # torch implements SyncBatchNorm for accelerators only; CPU (gloo) runs keep per-rank statistics.
+    if has_bn and info.device.type != "cpu":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def all_finite(flag: torch.Tensor, info: DistInfo) -> bool:
+    """True only if `flag` is finite everywhere (all elements, all ranks): ranks must skip a step together."""
+    ok = torch.tensor(float(bool(torch.isfinite(flag).all())), device=info.device)
+    if info.distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if info.distributed:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group."""
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,205 @@
+"""Resumable training state: RUN/checkpoints/step-N/ written atomically, loaded without unpickling.
+
+Layout of one checkpoint folder:
+    model.safetensors      model weights
+    optimizer.safetensors  optimizer state tensors, keys "state.<param index>.<name>"
+    rng.safetensors        torch / CUDA / numpy generator states as tensors
+    state.json             everything else: optimizer param groups and scalar state, scheduler,
+                           grad scaler, python RNG, data position, step, val loss, resolved config
+Tensors only ever go through safetensors and the rest through JSON, so loading a checkpoint can
+never execute code hidden in a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vgclip.errors import VgclipError
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class Position:
+    """Where training stands: completed optimizer steps and the next batch to read."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # loader batches (micro-batches) already consumed in `epoch`
+    samples_seen: int = 0
+    bad_steps: int = 0
+    best_val_loss: float | None = None
+    val_loss: float | None = None  # at this checkpoint, if validation ran just before it
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Clone so tensors that share storage (tied weights, views) can be stored independently.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def optimizer_to_flat(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into safetensors-able tensors and a JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in opt_state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt_state["param_groups"]]
+    return _tensors(tensors), {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """Inverse of `optimizer_to_flat`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in rest["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random generator the loop touches: torch (CPU, CUDA), numpy, python."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    rest = {
+        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    return _tensors(tensors), rest
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    """Restore what `rng_state` captured (CUDA states only if the devices are there)."""
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = rest["numpy"]
+    np.random.set_state((kind, tensors["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, py_gauss = rest["python"]
+    random.setstate((version, tuple(state), py_gauss))
+
+
+def save_train_state(
+    ckpt_root: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    position: Position,
+    config: dict,
+) -> Path:
+    """Write RUN/checkpoints/step-N/ atomically: build it in a temp folder, then rename it into place."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{position.step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{position.step}.", dir=ckpt_root))
+    try:
+        save_file(_tensors(model.state_dict()), str(tmp / "model.safetensors"))
+        opt_tensors, opt_rest = optimizer_to_flat(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_rest = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        doc = {
+            "position": asdict(position),
+            "optimizer": opt_rest,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+            "rng": rng_rest,
+            "config": config,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(doc), encoding="utf-8")
+        if final.exists():  # e.g. epoch end falls on a periodic checkpoint step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_train_state(
+    ckpt: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+) -> Position:
+    """Load a checkpoint folder into freshly built objects; restore RNGs; return the data position."""
+    try:
+        doc = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        opt = optimizer_from_flat(load_file(str(ckpt / "optimizer.safetensors")), doc["optimizer"])
+        optimizer.load_state_dict(opt)
+        scheduler.load_state_dict(doc["scheduler"])
+        if scaler is not None and scaler.is_enabled() and doc["scaler"]:
+            scaler.load_state_dict(doc["scaler"])
+        set_rng_state(load_file(str(ckpt / "rng.safetensors")), doc["rng"])
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise VgclipError(f"{ckpt}: not a usable training checkpoint ({exc})") from None
+    return Position(**doc["position"])
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (those with state.json), oldest step first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def resolve_resume(run_dir: Path, resume: str | Path) -> Path:
+    """'latest' -> the newest checkpoint of RUN; otherwise a checkpoint folder (or a run folder)."""
+    if str(resume) == "latest":
+        found = list_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise VgclipError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = list_checkpoints(path / "checkpoints")
+    if found:
+        return found[-1]
+    raise VgclipError(f"--resume {path}: not a checkpoint folder (no {STATE_FILE}) nor a run with checkpoints")
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints plus the one with the best validation loss."""
+    found = list_checkpoints(ckpt_root)
+    keep_set = set(found[-keep:]) if keep > 0 else set()
+    best, best_loss = None, float("inf")
+    for path in found:
+        val = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["position"].get("val_loss")
+        if val is not None and val < best_loss:
+            best, best_loss = path, val
+    if best is not None:
+        keep_set.add(best)
+    for path in found:
+        if path not in keep_set:
+            shutil.rmtree(path, ignore_errors=True)
