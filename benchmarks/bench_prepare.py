@@ -56,10 +56,10 @@ def write_vg(folder: Path, n_images: int, n_regions: int, seed: int = 0) -> None
         fh.write("]")
 
 
-def stream(folder: Path, limit_images: int | None = None) -> tuple[int, int, float, Skips]:
-    """Run read + clean; return (images kept, regions kept, seconds, skips)."""
+def stream(folder: Path, limit_images: int | None = None) -> tuple[int, int, float, float, Skips]:
+    """Run read + clean; return (images kept, regions kept, wall seconds, CPU seconds, skips)."""
     skips = Skips()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     meta = read_image_data(folder / "image_data.json", skips)
     images = regions = 0
     for _, kept in iter_clean_regions(folder / "region_descriptions.json", meta, CleaningSettings(), skips):
@@ -67,7 +67,7 @@ def stream(folder: Path, limit_images: int | None = None) -> tuple[int, int, flo
         regions += len(kept)
         if limit_images and images >= limit_images:
             break
-    return images, regions, time.perf_counter() - start, skips
+    return images, regions, time.perf_counter() - start, time.process_time() - cpu_start, skips
 
 
 def main() -> None:
@@ -83,23 +83,27 @@ def main() -> None:
         t0 = time.perf_counter()
         write_vg(folder, args.images, args.regions)
         gen_s = time.perf_counter() - t0
-        images, regions, secs, skips = stream(folder)
+        images, regions, secs, cpu_secs, skips = stream(folder)
         total = regions + sum(n for r, n in skips.counts.items() if r.startswith(("phrase", "box", "region")))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         c_rate = total / secs
         # Same data through the pure-python ijson backend, on a slice (it is far slower).
         with mock.patch.object(visual_genome, "_backend", lambda: visual_genome.ijson.get_backend("python")):
-            _, py_regions, py_secs, py_skips = stream(folder, limit_images=args.python_slice)
+            _, py_regions, _, py_cpu, py_skips = stream(folder, limit_images=args.python_slice)
         py_total = py_regions + sum(n for r, n in py_skips.counts.items()
                                     if r.startswith(("phrase", "box", "region")))
-        py_rate = py_total / py_secs
+        py_rate = py_total / py_cpu
+        cpu_rate = total / cpu_secs
         print(json.dumps({
             "benchmark": "prepare_read_clean", "regions_in_file": total, "images_kept": images,
             "regions_kept": regions, "file_mb": round((folder / "region_descriptions.json").stat().st_size / 2**20),
-            "generate_s": round(gen_s, 1), "seconds": round(secs, 2), "regions_per_s": round(c_rate),
+            "generate_s": round(gen_s, 1), "seconds": round(secs, 2), "cpu_seconds": round(cpu_secs, 2),
+            "regions_per_s": round(c_rate), "regions_per_cpu_s": round(cpu_rate),
             "peak_rss_mb": round(peak_mb), "backend": getattr(visual_genome._backend(), "backend", "unknown"),
-            "python_backend_regions_per_s": round(py_rate), "c_over_python_speedup": round(c_rate / py_rate, 1),
-            "targets_met": {"regions_per_s>=100000": c_rate >= 100_000, "peak_rss<1GB": peak_mb < 1024},
+            "python_backend_regions_per_cpu_s": round(py_rate), "c_over_python_speedup": round(cpu_rate / py_rate, 1),
+            # Wall-clock rate depends on other load on the machine; the CPU-time rate does not.
+            "targets_met": {"regions_per_s>=100000": c_rate >= 100_000, "regions_per_cpu_s>=100000":
+                            cpu_rate >= 100_000, "peak_rss<1GB": peak_mb < 1024},
             "skip_counts": dict(skips.counts),
         }))
     finally:

@@ -130,7 +130,7 @@ def test_start_batch_resumes_exactly(tmp_path, workers):
 
     fresh = run(0)
     assert len(fresh) >= 10
-    for start in (1, 3, 8, len(fresh) - 1, len(fresh) + 2):
+    for start in range(1, len(fresh) + 2):
         resumed = run(start)
         assert [texts for _, texts in resumed] == [texts for _, texts in fresh[start:]], start
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, fresh[start:]))

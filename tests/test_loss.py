@@ -77,7 +77,8 @@ def _worker(rank: int, world: int, port: int, images, texts, results) -> None:
             txt = texts[part].clone().requires_grad_(True)
             loss = ClipLoss(local_loss=local)(img, txt, 5.0)
             loss.backward()
-            results.put((rank, local, loss.item(), img.grad.clone(), txt.grad.clone()))
+            # Plain lists: shared-memory tensors would vanish with this process.
+            results.put((rank, local, loss.item(), img.grad.tolist(), txt.grad.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -108,8 +109,8 @@ def test_distributed_loss_covers_the_global_batch():
             assert loss == pytest.approx(reference.item(), rel=1e-5)
         # all_gather's backward sums the ranks' gradients. Global: world copies of the global loss;
         # local: the local losses sum to world x the global loss. Either way world x its gradient.
-        torch.testing.assert_close(img_grad, world * img.grad[part], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(txt_grad, world * txt.grad[part], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(img_grad), world * img.grad[part], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(txt_grad), world * txt.grad[part], rtol=1e-4, atol=1e-6)
     # The local losses average to the global loss (each row of the global logits belongs to one rank).
     local_losses = [loss for _, local, loss, _, _ in got if local]
     assert sum(local_losses) / world == pytest.approx(reference.item(), rel=1e-5)

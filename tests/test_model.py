@@ -138,6 +138,22 @@ def test_seed_preset_offline_fails_fast_with_guidance(monkeypatch, tmp_path):
     assert "model.image.weights=" in message and "\n" not in message
 
 
+def test_no_network_fails_fast_without_offline_flag(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+    import timm
+
+    import vgclip.model.hub as hub
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("tried the network"))
+    with pytest.raises(WeightsUnavailableError, match="unreachable"):
+        vgclip.create_model(vgclip.load_config("seed"))
+
+
 def test_unknown_image_model_is_a_user_error():
     config = vgclip.load_config("tiny", ["model.image.name=no_such_net"])
     with pytest.raises(VgclipError, match="no_such_net"):
@@ -200,3 +216,17 @@ def test_text_hub_model_offline_is_weights_unavailable(monkeypatch, tmp_path):
 
     with pytest.raises(WeightsUnavailableError, match="offline-small"):
         build_text_tower(TextTowerConfig(name="someone/not-cached-bert-xyz"))
+
+
+def test_architecture_overrides_need_random_init():
+    config = vgclip.load_config("tiny", ["model.text.weights=pretrained"])
+    with pytest.raises(VgclipError, match="weights=none"):
+        vgclip.create_model(config)
+
+
+def test_missing_text_folder_is_named(tmp_path):
+    from vgclip.config import TextTowerConfig
+    from vgclip.model.text_tower import build_text_tower
+
+    with pytest.raises(VgclipError, match="no-such-folder"):
+        build_text_tower(TextTowerConfig(name=str(tmp_path / "no-such-folder")))

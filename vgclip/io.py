@@ -19,6 +19,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs should be readable like any file
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -53,7 +53,9 @@ def eval_config_for(checkpoint: str | Path, overrides: list[str]) -> Any:
             raise ConfigError(f"override {item!r}: only eval.* settings can be changed here")
         fixed.append(item if key.startswith("eval.") else f"eval.{item}")
     path = Path(checkpoint)
-    candidates = [path / "config.yaml"] if path.is_dir() else [path.parent / "config.yaml"]
+    folder = path if path.is_dir() else path.parent
+    # A step checkpoint (RUN/checkpoints/step-N/) uses the run folder's config, as load_checkpoint does.
+    candidates = [f / "config.yaml" for f in (folder, *list(folder.parents)[:2])]
     config_file = next((c for c in candidates if c.is_file()), None)
     return load_config(str(config_file) if config_file else None, fixed).eval
 

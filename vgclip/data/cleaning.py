@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import math
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-# C0/C1 control characters and invisible format characters (zero-width space/joiners, BOM,
-# bidi marks): they carry no meaning for a caption and break tokenisers. Tabs and newlines are
-# not listed here: whitespace normalisation turns them into spaces.
-_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
 _REPLACEMENT_CHAR = "\ufffd"  # what the UTF-8 sanitiser puts where the file had invalid bytes
 
 
@@ -53,16 +47,25 @@ class Skips:
 
 def clean_phrase(text: object, settings: CleaningSettings) -> tuple[str | None, str]:
     """Return (cleaned phrase, "") or (None, reason) for a phrase that must be dropped."""
-    if not isinstance(text, str):
+    if type(text) is not str:
         return None, "phrase_not_text"
-    if _REPLACEMENT_CHAR in text:
-        return None, "phrase_invalid_utf8"
-    text = " ".join(_CONTROL_RE.sub("", text).split())
-    if len(text) < max(1, settings.min_phrase_chars):
+    if not (text.isascii() and text.isprintable()):
+        # Slow path only for text that may hold control characters or invalid-UTF-8 markers.
+        if _REPLACEMENT_CHAR in text:
+            return None, "phrase_invalid_utf8"
+        # Drop control, format (zero-width, bidi, soft hyphen), private-use and unassigned
+        # characters: they carry no meaning for a caption and confuse tokenisers. Whitespace of any
+        # kind is kept here and normalised to single spaces just below.
+        text = "".join(ch for ch in text if ch.isprintable() or ch.isspace())
+    text = " ".join(text.split())
+    if len(text) < settings.min_phrase_chars or not text:
         return None, "phrase_empty" if not text else "phrase_too_short"
     if len(text) > settings.max_phrase_chars:
         return None, "phrase_too_long"
     return text, ""
+
+
+_BIG = 1e9  # coordinates beyond this are garbage; the chained comparison also rejects NaN and inf
 
 
 def clean_box(
@@ -74,15 +77,17 @@ def clean_box(
     negative size, or with nothing left inside the image, are dropped.
     """
     try:
-        x, y, w, h = float(x), float(y), float(w), float(h)
+        x, y, w, h = float(x), float(y), float(w), float(h)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None, "box_not_numeric"
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
+    if not (-_BIG < x < _BIG and -_BIG < y < _BIG and -_BIG < w < _BIG and -_BIG < h < _BIG):
         return None, "box_not_numeric"
     if w <= 0 or h <= 0:
         return None, "box_nonpositive_size"
-    x0, y0 = max(0.0, x), max(0.0, y)
-    x1, y1 = min(float(width), x + w), min(float(height), y + h)
+    x0 = x if x > 0.0 else 0.0
+    y0 = y if y > 0.0 else 0.0
+    x1 = x + w if x + w < width else float(width)
+    y1 = y + h if y + h < height else float(height)
     if x1 - x0 < settings.min_box_side or y1 - y0 < settings.min_box_side:
         return None, "box_outside_image"
     return [x0, y0, x1 - x0, y1 - y0], ""

@@ -91,7 +91,9 @@ def run_prepare(records: Iterable[dict], out: str | Path, settings: PrepareSetti
         train_keys, val_keys = assign_split(offsets, settings.train_images, settings.val_images, settings.seed)
         chosen = set(train_keys) | set(val_keys)
         for key in sorted(offsets.keys() - chosen):
-            skips.add(key, "beyond_split_sizes")
+            skips.add(_item_of_key(key), "beyond_split_sizes")
+        # From here shards change: a manifest left by an earlier run would no longer describe them.
+        (out / "manifest.json").unlink(missing_ok=True)
         results = _write_all_shards(out, spool, offsets, {"train": train_keys, "val": val_keys}, settings,
                                     progress)
     finally:
@@ -110,15 +112,21 @@ def _spool_records(records: Iterable[dict], spool: Path, excluded: set[str], ski
         for record in records:
             key = record["key"]
             if str(record["image_id"]) in excluded or key in excluded:
-                skips.add(key, "excluded_id")
+                skips.add(_item_of_key(key), "excluded_id")
                 continue
             if key in offsets:
-                skips.add(key, "duplicate_image_id")
+                skips.add(_item_of_key(key), "duplicate_image_id")
                 continue
             line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
             offsets[key] = (fh.tell(), len(line))
             fh.write(line)
     return offsets
+
+
+def _item_of_key(key: str) -> str:
+    """The skip-list spelling of a record key: "vg-000000123" -> "vg:123" (as the readers write it)."""
+    source, _, number = key.rpartition("-")
+    return f"{source}:{int(number)}" if number.isdigit() else key
 
 
 def _plan_tasks(out: Path, split_keys: dict[str, list[str]],
@@ -201,9 +209,10 @@ def _run_tasks(tasks: Iterator[ShardTask], workers: int) -> Iterator[ShardResult
     if workers <= 1:
         yield from (write_shard(t) for t in tasks)
         return
-    # spawn: never fork a process that may hold threads (tqdm monitor, BLAS); the window keeps
-    # at most 2 shards per worker of records in memory.
-    ctx = multiprocessing.get_context("spawn")
+    # fork on Linux: workers only run PIL + tarfile, and spawn would re-import the caller's main
+    # module (breaking scripts without a __main__ guard, stdin, notebooks). Elsewhere fork is
+    # unsafe (macOS) or missing. The window keeps at most 2 shards per worker of records in memory.
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending: set[cf.Future] = set()

@@ -1,6 +1,6 @@
 """Shard writing (runs inside worker processes): records -> one WebDataset tar (or TFRecord file).
 
-Sample format (docs/design.md): `__key__` = record key, `jpg` = RGB JPEG with the longer side
+Sample format (docs/design.md): `__key__` = record key (feature "key" in TFRecord), `jpg` = RGB JPEG with the longer side
 capped at `max_side`, `json` = {"image_id", "source", "width", "height", "regions": [{"phrase",
 "box": [x, y, w, h] | null}]} in the re-encoded image's pixels.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,7 @@ def write_shard(task: ShardTask) -> ShardResult:
     result = ShardResult(task.split, task.index, name, [r["key"] for r in task.records], fingerprint=task.fingerprint)
     final = Path(task.out_dir) / name
     tmp = Path(task.out_dir) / f".{name}.tmp"  # fixed name: a rerun overwrites a stale partial file
-    samples = _encoded_samples(task, result)
-    with open(tmp, "wb") as fh:
-        _write_samples(fh, samples, task.fmt)
-        fh.flush()
-        os.fsync(fh.fileno())
+    _write_samples(tmp, _encoded_samples(task, result), task.fmt)
     atomic_write_text(state_path(task.state_dir, task.split, task.index), json.dumps(result_to_json(result)))
     os.replace(tmp, final)
     return result
@@ -135,24 +132,33 @@ def encode_record(record: dict, max_side: int, quality: int, max_pixels: int) ->
     return buf.getvalue(), meta, notes
 
 
-def _write_samples(fh, samples, fmt: str) -> None:
-    """Stream samples into an open binary file in the chosen container format."""
+def _write_samples(path: Path, samples, fmt: str) -> None:
+    """Stream samples into `path` in the chosen container format and flush it to disk."""
     if fmt == "webdataset":
-        import webdataset
-
-        # mtime fixed so the same input gives byte-identical shards (easy to verify a resume).
-        writer = webdataset.TarWriter(fh, mtime=0, encoder=False)
-        for key, jpeg, meta in samples:
-            writer.write({"__key__": key, "jpg": jpeg, "json": meta})
-        writer.close()
+        # Plain tarfile rather than webdataset.TarWriter: importing webdataset pulls in torch,
+        # which costs seconds in every worker process. The layout is the same: <key>.<ext> members.
+        with open(path, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, jpeg, meta in samples:
+                    for ext, data in (("jpg", jpeg), ("json", meta)):
+                        _add_member(tar, f"{key}.{ext}", data)
+            fh.flush()
+            os.fsync(fh.fileno())
     elif fmt == "tfrecord":
-        writer_cls = tfrecord_writer_class()
-        writer = writer_cls(fh.name)
+        writer = tfrecord_writer_class()(str(path))
         for key, jpeg, meta in samples:
-            writer.write({"__key__": (key.encode("utf-8"), "byte"), "jpg": (jpeg, "byte"), "json": (meta, "byte")})
+            writer.write({"key": (key.encode("utf-8"), "byte"), "jpg": (jpeg, "byte"), "json": (meta, "byte")})
         writer.close()
     else:
         raise VgclipError(f"unknown shard format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one file; mtime and owner fixed so the same input gives byte-identical shards."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uname = info.gname = "vgclip"
+    tar.addfile(info, io.BytesIO(data))
 
 
 def tfrecord_writer_class():

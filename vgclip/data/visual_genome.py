@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import ijson
 
-from vgclip.data.cleaning import CleaningSettings, PhraseDeduper, Skips, clean_box, clean_phrase
+from vgclip.data.cleaning import CleaningSettings, Skips, clean_box, clean_phrase
 from vgclip.errors import VgclipError
 
 IMAGE_DIRS = ("VG_100K", "VG_100K_2")
@@ -71,7 +71,7 @@ def stream_json_array(path: str | Path, prefix: str = "item") -> Iterator[Any]:
         opener = b"[" if prefix == "item" else b"{"
         if not head.startswith(opener):
             kind = "an array" if prefix == "item" else "an object"
-            raise VgclipError(f"{path}: expected a JSON {kind} at the top level")
+            raise VgclipError(f"{path}: expected {kind} at the top level of the JSON")
         fh.seek(3 if head_raw.startswith(b"\xef\xbb\xbf") else 0)  # yajl rejects a UTF-8 BOM
         reader = Utf8SanitizingReader(fh)
         try:
@@ -144,6 +144,9 @@ def iter_clean_regions(
             skips.add(f"vg:{image_id}", "no_image_data")
             continue
         seen.add(image_id)
+        if not isinstance(entry.get("regions"), list):
+            skips.add(f"vg:{image_id}", "regions_entry_missing_keys")
+            continue
         width, height, _ = meta[image_id]
         regions = _clean_regions(image_id, entry["regions"], width, height, settings, skips)
         if regions:
@@ -182,43 +185,47 @@ def _vg_records(root: Path, image_data: Path, region_file: Path, settings: Clean
 def _clean_regions(
     image_id: int, raw: list, width: int, height: int, settings: CleaningSettings, skips: Skips
 ) -> list[list]:
-    """Clean one image's regions: phrase, then box, then case-insensitive duplicates."""
-    dedup = PhraseDeduper()
+    """Clean one image's regions: phrase, then box, then case-insensitive duplicates.
+
+    This loop runs 5.4M times on the real data set: it binds names locally and builds the skip
+    item string only for regions that are dropped.
+    """
+    seen: set[str] = set()
     out: list[list] = []
+    add_skip = skips.add
     for n, region in enumerate(raw):
-        if not isinstance(region, dict):
-            skips.add(f"vg:{image_id}/region[{n}]", "region_missing_keys")
-            continue
-        rid = region.get("region_id", region.get("id", f"[{n}]"))
-        item = f"vg:{image_id}/region:{rid}"
         try:
-            phrase, x, y, w, h = (region["phrase"], region["x"], region["y"], region["width"], region["height"])
-        except KeyError:
-            skips.add(item, "region_missing_keys")
+            phrase, x, y, w, h = region["phrase"], region["x"], region["y"], region["width"], region["height"]
+        except (KeyError, TypeError):
+            add_skip(_region_item(image_id, region, n), "region_missing_keys")
             continue
         phrase, reason = clean_phrase(phrase, settings)
-        if phrase is None:
-            skips.add(item, reason)
-            continue
-        box, reason = clean_box(x, y, w, h, width, height, settings)
-        if box is None:
-            skips.add(item, reason)
-            continue
-        if dedup.is_duplicate(phrase):
-            skips.add(item, "phrase_duplicate")
-            continue
-        out.append([phrase, *box])
+        if phrase is not None:
+            box, reason = clean_box(x, y, w, h, width, height, settings)
+            if box is not None:
+                key = phrase.casefold()
+                if key not in seen:
+                    seen.add(key)
+                    out.append([phrase, *box])
+                    continue
+                reason = "phrase_duplicate"
+        add_skip(_region_item(image_id, region, n), reason)
     return out
+
+
+def _region_item(image_id: int, region: object, n: int) -> str:
+    rid = region.get("region_id", region.get("id", f"[{n}]")) if isinstance(region, dict) else f"[{n}]"
+    return f"vg:{image_id}/region:{rid}"
 
 
 def _entry_image_id(entry: object) -> int | None:
     """Image id of a region_descriptions entry: top-level `id`/`image_id`, else the regions' own."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("regions"), list):
+    if not isinstance(entry, dict):
         return None
     image_id = entry.get("image_id", entry.get("id"))
-    if image_id is None and entry["regions"] and isinstance(entry["regions"][0], dict):
-        first = entry["regions"][0]
-        image_id = first.get("image_id", first.get("image"))
+    regions = entry.get("regions")
+    if image_id is None and isinstance(regions, list) and regions and isinstance(regions[0], dict):
+        image_id = regions[0].get("image_id", regions[0].get("image"))
     return int(image_id) if _is_int(image_id) else None
 
 

@@ -192,7 +192,7 @@ def load_voc(
         raise VgclipError(f"{root}: split '{split}' lists no images")
     if (root / "Annotations").is_dir():
         parsed, skipped = _parse_all(root, ids)
-        discovered = {name for ann in parsed.values() for name, _ in ann.objects}
+        discovered = {name for ann in parsed.values() for name, _ in ann.objects} | _listed_classes(root, used_split)
         names = resolve_classes(classes, discovered)
         kept, labels, ignore, unknown = _labels_from_objects(parsed, names, difficult, strict_classes, root)
         source = "annotations"
@@ -226,6 +226,14 @@ def load_voc(
     if not result.image_ids:
         raise VgclipError(f"{root}: none of the {len(ids)} images of split '{split}' is usable ({skipped[0]['reason']})")
     return result
+
+
+def _listed_classes(root: Path, split: str | None) -> set[str]:
+    """Class names that have an ImageSets/Main/<class>_<split>.txt list (a class may be absent from a small split)."""
+    if split is None:
+        return set()
+    suffix = f"_{split}.txt"
+    return {p.name[: -len(suffix)] for p in (root / "ImageSets" / "Main").glob(f"*{suffix}")}
 
 
 def _parse_all(root: Path, ids: list[str]) -> tuple[dict[str, Annotation], list[dict[str, str]]]:

@@ -42,7 +42,7 @@ def plot_threshold_curve(ev: ScoredSplit, report: dict[str, Any], path: Path) ->
     ax.set_xlabel(f"threshold on {report['settings']['score']} score")
     ax.set_ylabel("rate (micro)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Accuracy / sensitivity / specificity vs threshold ({report['settings']['split']})")
+    ax.set_title(f"Accuracy / sensitivity / specificity vs threshold\nsplit: {report['settings']['split']}", fontsize=10)
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
     _save(fig, path)

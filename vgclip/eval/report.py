@@ -65,6 +65,8 @@ def summary_table(report: dict[str, Any]) -> str:
         mi = m["micro"]
         lines.append(f"{label:>12}  {_f(mi['accuracy']):>8}  {_f(mi['sensitivity']):>11}  "
                      f"{_f(mi['specificity']):>11}  {_f(mi['f1']):>6}")  # fmt: skip
+    if not tuning.get("tuned"):
+        lines.append(f"(tuned thresholds: none — {tuning['note']})")
     lines.append(f"mAP {_f(report['mAP'])} (VOC07 11-point {_f(report['mAP_voc07_11pt'])}), "
                  f"chance {_f(report['chance_mean'])}, mean ROC AUC {_f(report['mean_roc_auc'])}")  # fmt: skip
     return "\n".join(lines)

@@ -167,3 +167,7 @@ def load_checkpoint(path: str | Path):
     load_weights(model, weights, strict=True)
     model.eval()
     return model, transform, tokenizer
+
+
+# docs/design.md names the writer save_checkpoint; both names refer to the same function.
+save_checkpoint = save_model

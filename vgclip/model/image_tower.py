@@ -111,7 +111,8 @@ def _create_from_hub(name: str) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as exc:  # network, HTTP, missing file: all mean "not available here"
-        raise _weights_unavailable(name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise _weights_unavailable(name, f"{type(exc).__name__}: {first_line}") from exc
 
 
 # --------------------------------------------------------------------------- package (Lite0)
@@ -186,7 +187,8 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     except VgclipError:
         raise
     except Exception as exc:
-        raise VgclipError(f"weights file {path} could not be read: {str(exc).splitlines()[0][:200]}") from None
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise VgclipError(f"weights file {path} could not be read: {first_line}") from None
     # Training checkpoints often nest the weights; accept the common layouts.
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):

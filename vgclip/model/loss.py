@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -12,7 +14,10 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """Concatenate `features` from every rank (rank order); gradients flow back to each rank's part."""
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(features), dim=0)
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private API (_functional_collectives); the public one still works.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather is deprecated")
+        return torch.cat(dist_fn.all_gather(features), dim=0)
 
 
 def _world() -> tuple[int, int]:

@@ -71,7 +71,11 @@ class Tokenizer:
 def resolve_text_source(name: str) -> str:
     """A hub id or folder as given; `package:NAME` -> the `model/` folder inside that installed package."""
     if not name.startswith(PACKAGE_PREFIX):
-        return name
+        # Hub ids are "owner/name"; anything that looks like a filesystem path must exist.
+        looks_like_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+        if looks_like_path and not Path(name).expanduser().is_dir():
+            raise VgclipError(f"model.text.name: folder {name} does not exist")
+        return str(Path(name).expanduser()) if looks_like_path else name
     package = name[len(PACKAGE_PREFIX) :].strip()
     module_name = package.replace("-", "_")
     try:
@@ -127,6 +131,12 @@ def build_text_config(cfg: TextTowerConfig):
         config = AutoConfig.from_pretrained(source, local_files_only=_local_only(source))
     except Exception as exc:
         raise _unavailable(cfg.name, exc) from exc
+    overrides = (cfg.num_layers, cfg.hidden_size, cfg.num_heads)
+    if cfg.weights == "pretrained" and any(overrides):
+        raise VgclipError(
+            "model.text.num_layers/hidden_size/num_heads change the architecture and only apply with "
+            "model.text.weights=none (pretrained weights fix the architecture); set them to 0"
+        )
     if cfg.weights == "none":
         if cfg.num_layers:
             config.num_hidden_layers = cfg.num_layers
@@ -161,7 +171,7 @@ def build_text_tower(cfg: TextTowerConfig) -> tuple[TextTower, Tokenizer]:
                 transformer = _no_pooler(AutoModel.from_config, config)
         except VgclipError:
             raise
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:  # missing files, no network, bad folder
             raise _unavailable(cfg.name, exc) from exc
     if not getattr(hf_tokenizer, "is_fast", False):
         raise VgclipError(f"text model '{cfg.name}' has no fast tokenizer (tokenizer.json); vgclip needs one")

@@ -69,7 +69,7 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
     n_train, has_val = check_shards(data_dir)
     info = D.init_distributed()
     try:
-        run = _setup(config, info, data_dir, run_dir, resume, has_val)
+        run = _setup(config, info, data_dir, run_dir, resume, n_train, has_val)
         started, start_step = time.perf_counter(), run.pos.step
         last_loss, val = math.nan, {}
         try:
@@ -121,7 +121,8 @@ def autocast_for(precision: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _setup(config: Config, info: D.DistInfo, data_dir: Path, run_dir: Path, resume, has_val: bool) -> _Run:
+def _setup(config: Config, info: D.DistInfo, data_dir: Path, run_dir: Path, resume, n_train: int,
+           has_val: bool) -> _Run:
     from vgclip.model.clip import create_model
     from vgclip.model.loss import ClipLoss
 
@@ -132,15 +133,12 @@ def _setup(config: Config, info: D.DistInfo, data_dir: Path, run_dir: Path, resu
     if cfg.channels_last:  # NHWC convolutions are faster on tensor cores
         raw.to(memory_format=torch.channels_last)
     raw.train()
-    model = D.wrap_model(raw, info)
-    if cfg.compile:
-        model = torch.compile(model)
     optimizer = build_optimizer(raw, cfg)
-    total = total_steps(config, count_train(data_dir), info.world_size)
+    total = total_steps(config, n_train, info.world_size)
     scheduler = build_scheduler(optimizer, cfg, total)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     loss_fn = ClipLoss(local_loss=cfg.local_loss)  # gathers features across ranks itself
-    run = _Run(config, info, run_dir, data_dir, model, raw, tokenizer, raw.image_transform(train=config.data.augment),
+    run = _Run(config, info, run_dir, data_dir, raw, raw, tokenizer, raw.image_transform(train=config.data.augment),
                eval_tf, loss_fn, optimizer, scheduler, scaler, S.Position(), total, has_val)
     if resume is not None:
         ckpt = S.resolve_resume(run_dir, resume)
@@ -155,14 +153,17 @@ def _setup(config: Config, info: D.DistInfo, data_dir: Path, run_dir: Path, resu
         # With these beside them, step checkpoints load with vgclip.load_checkpoint(RUN/checkpoints/step-N).
         save_text_tower_files(run_dir / "text_tower", raw, tokenizer)
         run.logger = MetricsLogger(run_dir, resume_step=run.pos.step if resume is not None else None)
+    D.barrier(info)
     run.feature_cache = _maybe_feature_cache(run)
+    module = raw
+    if run.feature_cache is not None:
+        from vgclip.train.cache import CachedImageClip
+
+        module = CachedImageClip(raw)  # same parameters, image tower replaced by the cache
+    run.model = D.wrap_model(module, info)
+    if cfg.compile:
+        run.model = torch.compile(run.model)
     return run
-
-
-def count_train(data_dir: Path) -> int:
-    from vgclip.data.loader import count_samples
-
-    return count_samples(data_dir, "train")
 
 
 def total_steps(config: Config, n_train: int, world_size: int) -> int:
@@ -180,9 +181,14 @@ def _batches(run: _Run, epoch: int) -> Iterator:
         return run.feature_cache.batches(epoch=epoch, start_batch=start)
     from vgclip.data.loader import make_loader
 
-    return iter(make_loader(run.data_dir, "train", run.config.data, run.train_tf, run.tokenizer, train=True,
-                            seed=run.config.train.seed, epoch=epoch, rank=run.info.rank,
-                            world_size=run.info.world_size, start_batch=start))
+    loader = make_loader(run.data_dir, "train", run.config.data, run.train_tf, run.tokenizer, train=True,
+                         seed=run.config.train.seed, epoch=epoch, rank=run.info.rank,
+                         world_size=run.info.world_size, start_batch=start)
+    # torch's DataLoader draws a base seed from the global RNG when an iterator starts. A resumed run
+    # starts its iterator after restoring the RNG, a straight run before: keep the draw out of the
+    # global stream so both continue identically (the loader seeds its own augmentation).
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
 
 
 def _to_device(run: _Run, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -207,6 +213,7 @@ def _run_epoch(run: _Run, epoch: int) -> tuple[float, bool]:
             if not group:
                 exhausted = True
                 break
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on after it)
             loss, grad_norm = _optimizer_step(run, group)
             n = sum(len(images) for images, _ in group) * run.info.world_size
             run.pos.batch_in_epoch += len(group)
@@ -215,10 +222,10 @@ def _run_epoch(run: _Run, epoch: int) -> tuple[float, bool]:
             tick = time.perf_counter()
             if math.isfinite(loss):
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", sps=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
                 if run.logger and run.pos.step % max(1, cfg.log_every) == 0:
-                    run.logger.log(run.pos.step, "train", epoch=epoch, loss=loss, lr=run.scheduler.get_last_lr()[0],
-                                   samples_per_s=rate, grad_norm=grad_norm)
+                    run.logger.log(run.pos.step, "train", epoch=epoch, loss=loss, lr=lr, samples_per_s=rate,
+                                   grad_norm=grad_norm)
                 if cfg.checkpoint_every and run.pos.step % cfg.checkpoint_every == 0:
                     _checkpoint(run)
     finally:

