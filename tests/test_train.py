@@ -13,7 +13,7 @@ import vgclip
 from vgclip.config import TrainConfig, load_config
 from vgclip.errors import VgclipError
 from vgclip.train.evaluate import recall_at_k
-from vgclip.train.loop import train
+from vgclip.train.loop import seed_everything, train
 from vgclip.train.optim import build_optimizer, cosine_with_warmup, param_groups
 
 TINY = ["data.num_workers=0", "train.checkpoint_every=0"]
@@ -58,11 +58,14 @@ def test_warmup_then_cosine():
 
 
 def test_recall_at_k():
-    emb = torch.eye(4)
-    r = recall_at_k(emb, emb[[0, 1, 3, 2]], ks=(1, 2))
-    assert r["i2t_r1"] == 0.5 and r["t2i_r1"] == 0.5 and r["i2t_r2"] == 0.5
-    r = recall_at_k(emb, emb, ks=(1,))
-    assert r["i2t_r1"] == 1.0
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    texts = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    # sims rows: image0 -> [1, .8, 0] (own text first), image1 -> [0, .6, 1] (own text 2nd),
+    # image2 -> [.6, .96, .8] (own text 2nd)
+    r = recall_at_k(images, texts, ks=(1, 2))
+    assert r["i2t_r1"] == pytest.approx(1 / 3) and r["i2t_r2"] == 1.0
+    # columns: text0 -> [1, 0, .6] (1st), text1 -> [.8, .6, .96] (3rd), text2 -> [0, 1, .8] (2nd)
+    assert r["t2i_r1"] == pytest.approx(1 / 3) and r["t2i_r2"] == pytest.approx(2 / 3)
 
 
 def test_tiny_run_writes_a_loadable_run_folder(shards, tmp_path):
@@ -75,7 +78,7 @@ def test_tiny_run_writes_a_loadable_run_folder(shards, tmp_path):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["step"] for r in rows if r["split"] == "train"] == [str(i) for i in range(1, 9)]
     assert len([r for r in rows if r["split"] == "val"]) == 2
-    assert [p.name for p in (run / "checkpoints").iterdir()] in (["step-8"], ["step-4", "step-8"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) in (["step-8"], ["step-4", "step-8"])
     model, transform, tokenizer = vgclip.load_checkpoint(run)
     trained = vgclip.load_checkpoint(run / "checkpoints" / "step-8")[0]
     for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
@@ -109,3 +112,57 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monke
         train(load_config("tiny", TINY + ["train.max_bad_steps=2"]), shards, run)
     notes = [r["note"] for r in csv.DictReader((run / "metrics.csv").open()) if r["note"]]
     assert len(notes) == 3 and all("skipped non-finite" in n for n in notes)
+
+
+def test_cached_image_features_match_the_locked_tower(shards):
+    from vgclip.data.loader import list_shards
+    from vgclip.model.clip import create_model
+    from vgclip.train.cache import CachedImageClip, compute_features
+
+    cfg = load_config("tiny", TINY + ["model.image.lock=true", "data.augment=false"])
+    model, eval_tf, tokenizer = create_model(cfg.model)
+    model.train()  # the locked tower stays in eval mode (frozen BatchNorm statistics)
+    features, keys, metas = compute_features(model.visual, list_shards(shards, "train"), eval_tf, torch.device("cpu"))
+    assert features.shape == (32, model.visual.output_dim) and len(keys) == len(set(keys)) == 32
+    assert all(m["regions"][0]["phrase"].startswith("a ") for m in metas)
+
+    from vgclip.data.loader import make_loader
+
+    images, tokens = next(iter(make_loader(shards, "train", cfg.data, eval_tf, tokenizer, train=False, seed=0)))
+    model.eval()  # no text dropout: compare the image side through both paths
+    full = model(images, tokens)
+    cached = CachedImageClip(model)(features[: len(images)], tokens)
+    torch.testing.assert_close(cached["image_embeds"], full["image_embeds"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached["text_embeds"], full["text_embeds"])
+
+
+def test_locked_image_tower_trains_on_the_cache(shards, tmp_path):
+    from vgclip.train.cache import CACHE_FILE
+
+    overrides = TINY + ["model.image.lock=true", "data.augment=false", "train.epochs=2"]
+    run = tmp_path / "run"
+    summary = train(load_config("tiny", overrides), shards, run)
+    assert summary["steps"] == 8 and (run / CACHE_FILE).is_file()
+    seed_everything(0)  # as train() does before building the model: the initial weights
+    initial = vgclip.create_model(load_config("tiny", overrides))[0]
+    trained = vgclip.load_checkpoint(run)[0]
+    for (name, before), after in zip(initial.visual.state_dict().items(), trained.visual.state_dict().values()):
+        assert torch.equal(before, after), f"locked tower changed: {name}"
+    assert not torch.equal(initial.text_proj.weight, trained.text_proj.weight)
+    stamp = (run / CACHE_FILE).stat().st_mtime_ns
+    train(load_config("tiny", overrides), shards, tmp_path / "run", resume="latest")  # finished: nothing to do
+    assert (run / CACHE_FILE).stat().st_mtime_ns == stamp  # same tower and shards: the cache is reused
+
+
+@pytest.mark.parametrize("extra", [["train.precision=bf16", "train.channels_last=true"],
+                                   ["train.precision=fp16", "train.accum_steps=2", "data.batch_size=4"]])
+def test_mixed_precision_steps(shards, tmp_path, extra):
+    summary = train(load_config("tiny", TINY + ["train.max_steps=2", *extra]), shards, tmp_path / "run")
+    assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
+    weights = vgclip.load_checkpoint(tmp_path / "run")[0].state_dict()
+    assert all(v.dtype != torch.float16 and v.dtype != torch.bfloat16 for v in weights.values())  # fp32 master weights
+
+
+def test_unknown_precision_is_a_config_error(shards, tmp_path):
+    with pytest.raises(VgclipError, match="train.precision"):
+        train(load_config("tiny", TINY + ["train.precision=fp8"]), shards, tmp_path / "run")

@@ -203,3 +203,17 @@ def test_cli_with_tiny_real_model(synth_voc: Path, tmp_path: Path, capsys: pytes
     assert "mAP" in capsys.readouterr().out
     assert main([*argv[:-2], "model.embed_dim=3"]) == 2
     assert "only eval.*" in capsys.readouterr().err
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real VOC2012 sample absent ({SAMPLE})")
+def test_real_sample_without_imagesets(tmp_path: Path) -> None:
+    report = _run(SAMPLE, tmp_path / "rep", plots=False, cfg={"difficult": "positive", "templates": "ensemble"})
+    assert report["data"]["evaluated_images"] == 100 and report["data"]["skipped_images"] == 0
+    assert any("no ImageSets" in n for n in report["data"]["notices"])
+    assert report["tuning"]["tuned"] is False and not (tmp_path / "rep" / "thresholds.json").exists()
+    assert report["data"]["ignored_entries"] == 0  # difficult=positive: nothing left out
+    assert "CLIP_benchmark" in (tmp_path / "rep" / "report.md").read_text()
+    assert len(report["AP"]) == 20 and report["chance"]["person"] == pytest.approx(report["counts"]["person"]["positives"] / 100)

@@ -117,7 +117,7 @@ def make_loader(
     if data_cfg.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork = warnings
     loader = DataLoader(
-        dataset, batch_size=data_cfg.batch_size, drop_last=train, collate_fn=_Collate(tokenizer),
+        dataset, batch_size=data_cfg.batch_size, drop_last=train, collate_fn=_Collate(tokenizer, _split_transform(image_transform)[1]),
         num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
     )
     return ShardLoader(loader, counts)
@@ -165,6 +165,7 @@ class _ShardStream(IterableDataset):
         self.skips, self.rotation, self.counts = skips, rotation, counts
         # How small the transform can take its input: lets the JPEG decoder downscale (draft).
         self.draft_size = getattr(transform, "draft_size", None)
+        self.per_sample = _split_transform(transform)[0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         info = get_worker_info()
@@ -203,12 +204,12 @@ class _ShardStream(IterableDataset):
                 sx, sy = img.size[0] / size[0], img.size[1] / size[1]
                 img = img.crop((crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
             if not self.train:
-                return self.transform(img), text
+                return self.per_sample(img), text
             # Augmentation seeded per (seed, epoch, image): a resumed epoch sees the same crops,
             # without disturbing the caller's global torch RNG.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(stable_seed("augment", self.seed, self.epoch, key) % (2**63))
-                return self.transform(img), text
+                return self.per_sample(img), text
 
 
 def raw_samples(shards: list[Path], skip: Callable[..., None]) -> Iterator[RawSample]:
@@ -240,14 +241,26 @@ def _sample_problem(sample: dict[str, Any]) -> tuple[str | None, Any]:
     return metadata_problem(meta), meta
 
 
+def _split_transform(transform: Callable) -> tuple[Callable, Callable | None]:
+    """(per-sample part, per-batch part): transforms with `pixels` + `normalize` (ImageTransform)
+    produce uint8 per sample and are normalised once per stacked batch; others run whole per sample."""
+    pixels, normalize = getattr(transform, "pixels", None), getattr(transform, "normalize", None)
+    if callable(pixels) and callable(normalize):
+        return pixels, normalize
+    return transform, None
+
+
 class _Collate:
     """Stack images and tokenise the texts of one batch (runs in the worker)."""
 
-    def __init__(self, tokenizer: Callable[[list[str]], dict[str, Any]]) -> None:
+    def __init__(self, tokenizer: Callable[[list[str]], dict[str, Any]], normalize: Callable | None) -> None:
         self.tokenizer = tokenizer
+        self.normalize = normalize
 
     def __call__(self, batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = torch.stack([image for image, _ in batch])
+        if self.normalize is not None:
+            images = self.normalize(images)
         tokens = self.tokenizer([text for _, text in batch])
         return images, {name: torch.as_tensor(value) for name, value in tokens.items()}
 

@@ -75,13 +75,16 @@ def build_text_classifier(
     class_texts: Sequence[str],
     templates: Sequence[str],
     device: torch.device | str = "cpu",
+    batch_size: int = 256,
 ) -> torch.Tensor:
-    """Unit-norm class embeddings [C, D]: each class's template embeddings averaged, then renormalised (as CLIP)."""
-    weights = []
-    for text in class_texts:
-        prompts = [template.format(text) for template in templates]
-        tokens = {k: v.to(device) for k, v in tokenizer(prompts).items()}
-        emb = model.encode_text(tokens, normalize=True).float()
-        mean = emb.mean(dim=0)
-        weights.append(mean / mean.norm().clamp_min(1e-12))
-    return torch.stack(weights)
+    """Unit-norm class embeddings [C, D]: each class's template embeddings averaged, then renormalised (as CLIP).
+
+    Prompts of several classes share one text-tower call (at most `batch_size` prompts per call).
+    """
+    prompts = [template.format(text) for text in class_texts for template in templates]
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = {k: v.to(device) for k, v in tokenizer(prompts[start : start + batch_size]).items()}
+        chunks.append(model.encode_text(tokens, normalize=True).float())
+    mean = torch.cat(chunks).reshape(len(class_texts), len(templates), -1).mean(dim=1)
+    return mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)

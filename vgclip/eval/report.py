@@ -29,7 +29,7 @@ def scores_csv(ev: ScoredSplit) -> str:
     writer.writerow(["image_id", *(f"score_{c}" for c in classes), *(f"label_{c}" for c in classes)])
     for i, image_id in enumerate(ev.data.image_ids):
         labels = ["" if ev.data.ignore[i, c] else int(ev.data.labels[i, c]) for c in range(len(classes))]
-        writer.writerow([image_id, *(f"{s:.6g}" for s in ev.scores[i]), *labels])
+        writer.writerow([image_id, *(f"{s:.9g}" for s in ev.scores[i]), *labels])
     return buf.getvalue()
 
 
@@ -55,7 +55,7 @@ def summary_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"Zero-shot on {s['split']} ({report['data']['evaluated_images']} images, score={s['score']}, "
              f"templates={s['templates']}, difficult={s['difficult']})",
-             f"{'threshold':>12}  {'accuracy':>8}  {'sensitivity':>11}  {'specificity':>11}  {'F1':>6}  (micro: all image-class pairs)"]  # fmt: skip
+             f"{'threshold':>16}  {'accuracy':>8}  {'sensitivity':>11}  {'specificity':>11}  {'F1':>6}  (micro: all image-class pairs)"]  # fmt: skip
     rows = [(f"{m['threshold']:g}", m) for m in report["sweep"]]
     tuning = report["tuning"]
     if tuning.get("tuned"):
@@ -63,7 +63,7 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.append((f"tuned ({t['mode']})", tuning["eval_split"]))
     for label, m in rows:
         mi = m["micro"]
-        lines.append(f"{label:>12}  {_f(mi['accuracy']):>8}  {_f(mi['sensitivity']):>11}  "
+        lines.append(f"{label:>16}  {_f(mi['accuracy']):>8}  {_f(mi['sensitivity']):>11}  "
                      f"{_f(mi['specificity']):>11}  {_f(mi['f1']):>6}")  # fmt: skip
     if not tuning.get("tuned"):
         lines.append(f"(tuned thresholds: none — {tuning['note']})")

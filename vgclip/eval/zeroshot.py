@@ -143,6 +143,10 @@ def score_split(
     scale = logit_scale_of(model, enc.sample, tokens_for_scale)
     bias = float(getattr(model, "logit_bias", 0.0) or 0.0)
     scores, ranking = score_embeddings(enc.embeddings, class_emb.cpu(), eval_cfg.score, scale, bias)
+    bad = ~np.isfinite(ranking).all(axis=1)
+    if bad.any():
+        raise VgclipError(f"the model gave non-finite scores for {int(bad.sum())} images (first: "
+                          f"{kept.image_ids[int(np.argmax(bad))]}); is the checkpoint broken?")  # fmt: skip
     return ScoredSplit(kept, scores, ranking, failed)
 
 
@@ -185,6 +189,8 @@ def run_zeroshot(
     model = model.to(device).eval()
     data = load_voc(voc_root, split, opts.classes, eval_cfg.difficult, opts.strict_classes)
     tune_data, tune_note = _tuning_split(data, voc_root, split, eval_cfg, opts)
+    if tune_data is None or opts.tune_on_eval:
+        log.warning(tune_note)
     texts = [readable_name(c, opts.class_names) for c in data.classes]
     templates = templates_for(eval_cfg.templates)
     class_emb = build_text_classifier(model, tokenizer, texts, templates, device)

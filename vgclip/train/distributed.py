@@ -71,6 +71,19 @@ def all_finite(flag: torch.Tensor, info: DistInfo) -> bool:
     return bool(ok.item())
 
 
+def all_ranks(flag: bool, info: DistInfo) -> bool:
+    """True only if `flag` is true on every rank.
+
+    Ranks may hold shards of different sizes; an epoch ends for all as soon as one rank runs
+    out of batches, otherwise the others would block forever in the gradient all-reduce.
+    """
+    if not info.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in a single process)."""
     if info.distributed:

@@ -127,6 +127,9 @@ def _setup(config: Config, info: D.DistInfo, data_dir: Path, run_dir: Path, resu
     from vgclip.model.loss import ClipLoss
 
     cfg = config.train
+    autocast_for(cfg.precision, info.device)  # fail on a bad setting before any work
+    if cfg.accum_steps < 1 or cfg.epochs < 0 or cfg.max_steps < 0:
+        raise VgclipError("train.accum_steps must be >= 1, train.epochs and train.max_steps >= 0")
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     raw, eval_tf, tokenizer = create_model(config.model)
     raw.to(info.device)
@@ -210,7 +213,10 @@ def _run_epoch(run: _Run, epoch: int) -> tuple[float, bool]:
     try:
         while not (cfg.max_steps and run.pos.step >= cfg.max_steps):
             group = [_to_device(run, b) for b in itertools.islice(batches, cfg.accum_steps)]
-            if not group:
+            # One process: a short last group still makes a step. Several: all ranks must take the same
+            # steps with the same shapes (the loss all-gathers), so the epoch ends when any runs short.
+            full = len(group) == cfg.accum_steps
+            if not (D.all_ranks(full, run.info) if run.info.distributed else group):
                 exhausted = True
                 break
             lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on after it)

