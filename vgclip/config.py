@@ -229,6 +229,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' expects null, got {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a numeric-looking path or name
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

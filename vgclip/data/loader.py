@@ -34,11 +34,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
 from webdataset.tariterators import base_plus_ext
 
 from vgclip.config import DataConfig
 from vgclip.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, BadImageError
-from vgclip.data.pairing import Pairing, choose_pair, metadata_problem, parse_pairing, stable_seed
+from vgclip.data.pairing import Box, Pairing, choose_pair, metadata_problem, parse_pairing, stable_seed
 from vgclip.errors import ConfigError, VgclipError
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,8 @@ class _ShardStream(IterableDataset):
         # How small the transform can take its input: lets the JPEG decoder downscale (draft).
         self.draft_size = getattr(transform, "draft_size", None)
         self.per_sample = _split_transform(transform)[0]
+        # ImageTransform.pixels also takes uint8 (3, H, W) tensors, which lets us skip PIL.
+        self.tensor_input = bool(getattr(transform, "accepts_uint8_tensors", False))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         info = get_worker_info()
@@ -187,29 +190,55 @@ class _ShardStream(IterableDataset):
         self.counts.add(reason)
         logger.warning("skipping sample %s in %s: %s%s", key, url, reason, f" ({detail})" if detail else "")
 
-    def _example(self, key: str, jpg: bytes, meta: dict[str, Any]) -> tuple[torch.Tensor, str]:
+    def _example(self, key: str, data: bytes, meta: dict[str, Any]) -> tuple[torch.Tensor, str]:
         rng = random.Random(stable_seed("pair", self.seed, self.epoch, key))
-        cfg = self.cfg
-        with _open_image(key, jpg) as img:
-            size = img.size
-            text, crop = choose_pair(meta, self.pairing, rng, image_size=size,
-                                     margin=cfg.region_margin, min_size=cfg.region_min_size)
-            if self.draft_size and img.format == "JPEG":
-                short = min(crop[2] - crop[0], crop[3] - crop[1]) if crop else min(size)
-                factor = self.draft_size / max(1, short)
-                if factor < 0.5:  # DCT scaling only comes in halves
-                    img.draft("RGB", (math.ceil(size[0] * factor), math.ceil(size[1] * factor)))
-            _load(key, img)
-            if crop is not None:
-                sx, sy = img.size[0] / size[0], img.size[1] / size[1]
-                img = img.crop((crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
-            if not self.train:
-                return self.per_sample(img), text
-            # Augmentation seeded per (seed, epoch, image): a resumed epoch sees the same crops,
-            # without disturbing the caller's global torch RNG.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(stable_seed("augment", self.seed, self.epoch, key) % (2**63))
-                return self.per_sample(img), text
+        with _open_image(key, data) as img:
+            text, crop = choose_pair(meta, self.pairing, rng, image_size=img.size,
+                                     margin=self.cfg.region_margin, min_size=self.cfg.region_min_size)
+            image = self._decode(key, img, data, crop)
+        if not self.train:
+            return self.per_sample(image), text
+        # Augmentation seeded per (seed, epoch, image): a resumed epoch sees the same crops,
+        # without disturbing the caller's global torch RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_seed("augment", self.seed, self.epoch, key) % (2**63))
+            return self.per_sample(image), text
+
+    def _decode(self, key: str, img: Image.Image, data: bytes, crop: Box | None) -> Image.Image | torch.Tensor:
+        """Decoded pixels of `crop` (or the whole image), as cheaply as the transform allows.
+
+        JPEGs much larger than the transform needs are decoded at 1/2, 1/4 or 1/8 scale (PIL draft,
+        DCT scaling). Otherwise, if the transform takes uint8 tensors, torchvision's libjpeg-turbo
+        decoder writes straight into a tensor (no PIL -> tensor copy). Anything else: PIL.
+        """
+        size = img.size
+        short = min(crop[2] - crop[0], crop[3] - crop[1]) if crop else min(size)
+        factor = self.draft_size / max(1, short) if self.draft_size else 1.0
+        if img.format == "JPEG" and factor < 0.5:  # DCT scaling only comes in halves
+            img.draft("RGB", (math.ceil(size[0] * factor), math.ceil(size[1] * factor)))
+        elif img.format == "JPEG" and self.tensor_input:
+            pixels = _decode_jpeg_tensor(data)
+            if pixels is not None and tuple(pixels.shape[1:]) == (size[1], size[0]):
+                return pixels if crop is None else pixels[:, crop[1] : crop[3], crop[0] : crop[2]]
+            # torchvision refused it (CMYK, odd markers, damage): let PIL decide.
+        _load(key, img)
+        if crop is not None:
+            sx, sy = img.size[0] / size[0], img.size[1] / size[1]
+            return img.crop((crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
+        # Detach from the BytesIO-backed file so closing it does not matter.
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _decode_jpeg_tensor(data: bytes) -> torch.Tensor | None:
+    """uint8 (3, H, W) from JPEG bytes via torchvision, or None if its decoder refuses them."""
+    with warnings.catch_warnings():
+        # The bytes are read-only; the decoder only reads them.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        try:
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return None
 
 
 def raw_samples(shards: list[Path], skip: Callable[..., None]) -> Iterator[RawSample]:

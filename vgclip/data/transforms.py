@@ -37,6 +37,7 @@ class ImageTransform:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.image_size = int(image_size)
         self.train = bool(train)
+        self.accepts_uint8_tensors = True  # `pixels` takes uint8 (3, H, W) tensors as well as PIL
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         # Smallest shorter side the transform can take without upsampling: a train crop may cover
@@ -49,26 +50,24 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.pixels(image))
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """The crop/resize/flip part: uint8 (3, S, S). The loader stacks these and calls `normalize`
-        once per batch (a quarter of the memory traffic of stacking float images)."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """The crop/resize/flip part, PIL image or uint8 (3, H, W) tensor -> uint8 (3, S, S).
+
+        The loader stacks these and calls `normalize` once per batch (a quarter of the memory
+        traffic of stacking float images).
+        """
+        chw = image if isinstance(image, torch.Tensor) else _pil_to_chw(image)
+        height, width = chw.shape[-2:]
         if self.train:
-            top, left, height, width = T.RandomResizedCrop.get_params(image, TRAIN_SCALE, TRAIN_RATIO)
+            top, left, h, w = T.RandomResizedCrop.get_params(chw, TRAIN_SCALE, TRAIN_RATIO)
             flip = bool(torch.rand(()) < 0.5)
         else:
-            left, top, right, bottom = centre_square(image.size)
-            left, top, width, height = round(left), round(top), round(right - left), round(bottom - top)
+            left_f, top_f, right_f, bottom_f = centre_square((width, height))
+            left, top, w, h = round(left_f), round(top_f), round(right_f - left_f), round(bottom_f - top_f)
             flip = False
-        with warnings.catch_warnings():
-            # PIL's array is read-only; nothing writes to it (the resize makes a new tensor).
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            hwc = torch.from_numpy(np.asarray(image))
-        # HWC pixels seen as a channels-last CHW tensor (the one copy out of PIL); cropping is a
-        # view, and torchvision's uint8 antialiased bicubic kernel matches PIL's bicubic resize
-        # (within a few grey levels) at about a third of the cost.
-        crop = hwc.permute(2, 0, 1)[None, :, top : top + height, left : left + width]
+        # Cropping is a view; torchvision's uint8 antialiased bicubic kernel matches PIL's bicubic
+        # resize (within a few grey levels) at about a third of the cost.
+        crop = chw[None, :, top : top + h, left : left + w]
         out = TF.resize(crop, [self.image_size, self.image_size], interpolation=TF.InterpolationMode.BICUBIC,
                         antialias=True)[0]
         return (out.flip(-1) if flip else out).contiguous()
@@ -80,6 +79,16 @@ class ImageTransform:
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"
         return f"ImageTransform({kind}, size={self.image_size}, mean={self.mean}, std={self.std})"
+
+
+def _pil_to_chw(image: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 (3, H, W), a channels-last view of the one copy out of PIL."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    with warnings.catch_warnings():
+        # PIL's array is read-only; nothing writes to it (the resize makes a new tensor).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
 
 
 def centre_square(size: tuple[int, int]) -> tuple[float, float, float, float]:
