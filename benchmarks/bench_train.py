@@ -33,24 +33,32 @@ def _batches(n: int, batch: int, size: int, tokenizer, device) -> list:
     return out
 
 
-def _rate(step, batches, warmup: int = 2) -> float:
-    """Samples per second of `step` over `batches` (after `warmup` untimed steps)."""
-    for images, tokens in batches[:warmup]:
-        step(images, tokens)
+def _interleaved_rates(steps: dict, batches, warmup: int = 2) -> dict[str, float]:
+    """Samples per second of each step function, timed in turns (A, B, C, A, B, C, ...).
+
+    Taking turns spreads any drift in machine load (other jobs, clock boost) evenly over the sides.
+    """
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
+    for step in steps.values():
+        for images, tokens in batches[:warmup]:
+            step(images, tokens)
+    seconds = dict.fromkeys(steps, 0.0)
     for images, tokens in batches[warmup:]:
-        step(images, tokens)
-    sync()
-    return sum(len(b[0]) for b in batches[warmup:]) / (time.perf_counter() - start)
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step(images, tokens)
+            sync()
+            seconds[name] += time.perf_counter() - start
+    samples = sum(len(b[0]) for b in batches[warmup:])
+    return {name: samples / t for name, t in seconds.items()}
 
 
 def _optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
-def vgclip_side(config, batches, device, locked: bool) -> float:
+def vgclip_step(config, batches, device, locked: bool):
     from vgclip.model.clip import create_model
     from vgclip.model.loss import ClipLoss
     from vgclip.train.cache import CachedImageClip
@@ -72,7 +80,7 @@ def vgclip_side(config, batches, device, locked: bool) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _rate(step, batches)
+    return step
 
 
 def open_clip_model(text_folder: str, device, locked: bool):
@@ -88,7 +96,7 @@ def open_clip_model(text_folder: str, device, locked: bool):
     return model
 
 
-def open_clip_side(text_folder: str, batches, device, locked: bool) -> float:
+def open_clip_step(text_folder: str, device, locked: bool):
     from open_clip.loss import ClipLoss
 
     model = open_clip_model(text_folder, device, locked)
@@ -102,7 +110,7 @@ def open_clip_side(text_folder: str, batches, device, locked: bool) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _rate(step, batches)
+    return step
 
 
 def main() -> None:
@@ -126,12 +134,15 @@ def main() -> None:
     folder = resolve_text_source(config.model.text.name)
     result = {"device": str(device), "batch": args.batch, "image_size": 224, "precision": "fp32",
               "steps": args.steps}
-    result["vgclip_samples_per_s"] = vgclip_side(config, batches, device, locked=False)
-    result["open_clip_samples_per_s"] = open_clip_side(folder, batches, device, locked=False)
-    result["ratio"] = result["vgclip_samples_per_s"] / result["open_clip_samples_per_s"]
-    result["vgclip_locked_cached_samples_per_s"] = vgclip_side(locked_config, batches, device, locked=True)
-    result["open_clip_locked_samples_per_s"] = open_clip_side(folder, batches, device, locked=True)
-    result["locked_ratio"] = result["vgclip_locked_cached_samples_per_s"] / result["open_clip_locked_samples_per_s"]
+    rates = _interleaved_rates({
+        "vgclip_samples_per_s": vgclip_step(config, batches, device, locked=False),
+        "open_clip_samples_per_s": open_clip_step(folder, device, locked=False),
+        "vgclip_locked_cached_samples_per_s": vgclip_step(locked_config, batches, device, locked=True),
+        "open_clip_locked_samples_per_s": open_clip_step(folder, device, locked=True),
+    }, batches)
+    result.update(rates)
+    result["ratio"] = rates["vgclip_samples_per_s"] / rates["open_clip_samples_per_s"]
+    result["locked_ratio"] = rates["vgclip_locked_cached_samples_per_s"] / rates["open_clip_locked_samples_per_s"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
 
 

@@ -111,7 +111,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monke
     with pytest.raises(VgclipError, match="max_bad_steps=2"):
         train(load_config("tiny", TINY + ["train.max_bad_steps=2"]), shards, run)
     notes = [r["note"] for r in csv.DictReader((run / "metrics.csv").open()) if r["note"]]
-    assert len(notes) == 3 and all("skipped non-finite" in n for n in notes)
+    assert len(notes) == 2 and all("skipped non-finite" in n for n in notes)
 
 
 def test_cached_image_features_match_the_locked_tower(shards):
@@ -166,3 +166,27 @@ def test_mixed_precision_steps(shards, tmp_path, extra):
 def test_unknown_precision_is_a_config_error(shards, tmp_path):
     with pytest.raises(VgclipError, match="train.precision"):
         train(load_config("tiny", TINY + ["train.precision=fp8"]), shards, tmp_path / "run")
+
+
+def test_cli_user_errors_are_one_line(shards, tmp_path, capsys):
+    from vgclip.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--config", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vgclip train: error:") and "no such folder" in err and "\n" not in err
+    (tmp_path / "run" / "checkpoints" / "step-1").mkdir(parents=True)
+    assert main(["train", "--data", str(shards), "--out", str(tmp_path / "run"), "--config", "tiny"]) == 2
+    assert "--resume latest" in capsys.readouterr().err
+    assert main(["train", "--data", str(shards), "--out", str(tmp_path / "run"), "--config", "tiny",
+                 "train.bogus=1"]) == 2
+    assert "unknown config key 'train.bogus'" in capsys.readouterr().err
+
+
+def test_voc_root_adds_a_zero_shot_report(shards, tmp_path):
+    from vgclip.data.synthetic import write_synthetic_voc
+
+    write_synthetic_voc(tmp_path / "voc", 12, seed=0, min_side=64, max_side=96)
+    run = tmp_path / "run"
+    summary = train(load_config("tiny", TINY + ["train.max_steps=1"]), shards, run, voc_root=tmp_path / "voc")
+    assert 0.0 <= summary["zeroshot"]["mAP"] <= 1.0
+    assert (run / "zeroshot" / "report.json").is_file()

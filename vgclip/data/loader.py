@@ -16,7 +16,6 @@ resumed epoch is shifted by that many samples).
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -25,7 +24,6 @@ import multiprocessing
 import os
 import random
 import tarfile
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +32,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 from webdataset.tariterators import base_plus_ext
 
 from vgclip.config import DataConfig
-from vgclip.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, BadImageError
-from vgclip.data.pairing import Box, Pairing, choose_pair, metadata_problem, parse_pairing, stable_seed
+from vgclip.data.decoding import decode_pixels, open_image_bytes
+from vgclip.data.images import BadImageError
+from vgclip.data.pairing import Pairing, choose_pair, metadata_problem, parse_pairing, stable_seed
 from vgclip.errors import ConfigError, VgclipError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +53,9 @@ def list_shards(shard_dir: str | Path, split: str) -> list[Path]:
     if manifest is None:
         shards = sorted((shard_dir / split).glob("*.tar"))
     else:
+        if manifest.get("format", "webdataset") != "webdataset":
+            raise VgclipError(f"{shard_dir / 'manifest.json'}: shards are in {manifest['format']!r} format; "
+                              "the loader reads webdataset shards (prepare with the default format)")
         names = manifest.get("splits", {}).get(split, {}).get("shards")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise VgclipError(f"{shard_dir / 'manifest.json'}: no list of shards for split '{split}'")
@@ -71,9 +72,8 @@ def count_samples(shard_dir: str | Path, split: str) -> int:
     """Number of samples (images) in `split`: the manifest's count, else counted from the tar headers."""
     manifest = _read_manifest(Path(shard_dir))
     entry = (manifest or {}).get("splits", {}).get(split, {})
-    for key in ("num_samples", "count"):
-        if isinstance(entry.get(key), int):
-            return entry[key]
+    if isinstance(entry.get("images"), int):  # written by `vgclip prepare`
+        return entry["images"]
     return sum(_scan_shard(path, check_json=False) for path in list_shards(shard_dir, split))
 
 
@@ -106,7 +106,8 @@ def make_loader(
     rank_shards = shards[rank::world_size]
     workers = max(1, data_cfg.num_workers)
     if len(rank_shards) < workers:
-        logger.warning("rank %d has %d shard(s) for %d worker(s): some workers stay idle", rank, len(rank_shards), workers)
+        logger.warning("rank %d has %d shard(s) for %d worker(s): some workers stay idle",
+                       rank, len(rank_shards), workers)
     skips, rotation = [0] * workers, 0
     if start_batch:
         skips, rotation = _resume_plan(rank_shards, workers, data_cfg.batch_size, train, start_batch)
@@ -117,8 +118,10 @@ def make_loader(
     )
     if data_cfg.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork = warnings
+    # One DataLoader per epoch (its order depends on the epoch), so workers are not persistent.
     loader = DataLoader(
-        dataset, batch_size=data_cfg.batch_size, drop_last=train, collate_fn=_Collate(tokenizer, _split_transform(image_transform)[1]),
+        dataset, batch_size=data_cfg.batch_size, drop_last=train,
+        collate_fn=_Collate(tokenizer, _split_transform(image_transform)[1]),
         num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
     )
     return ShardLoader(loader, counts)
@@ -132,7 +135,10 @@ class ShardLoader:
         self.counts = counts
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        return iter(self.loader)
+        # Starting a DataLoader iterator draws a base seed from torch's global RNG; the loader does
+        # not need it (it seeds everything itself), so keep the caller's random stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            return iter(self.loader)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -182,9 +188,12 @@ class _ShardStream(IterableDataset):
             samples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(samples)
         for key, jpg, meta, url in itertools.islice(samples, self.skips[worker], None):
             try:
-                yield self._example(key, jpg, meta)
-            except BadImageError as exc:
+                example = self._example(key, jpg, meta)
+            except (BadImageError, OSError, ValueError, RuntimeError) as exc:
+                # Whatever one odd image does to the decoder or transform, the epoch goes on.
                 self._skip("bad_image", key, url, str(exc))
+                continue
+            yield example
 
     def _skip(self, reason: str, key: str, url: str, detail: str = "") -> None:
         self.counts.add(reason)
@@ -192,10 +201,10 @@ class _ShardStream(IterableDataset):
 
     def _example(self, key: str, data: bytes, meta: dict[str, Any]) -> tuple[torch.Tensor, str]:
         rng = random.Random(stable_seed("pair", self.seed, self.epoch, key))
-        with _open_image(key, data) as img:
+        with open_image_bytes(key, data) as img:
             text, crop = choose_pair(meta, self.pairing, rng, image_size=img.size,
                                      margin=self.cfg.region_margin, min_size=self.cfg.region_min_size)
-            image = self._decode(key, img, data, crop)
+            image = decode_pixels(key, img, data, crop, draft_size=self.draft_size, tensor_ok=self.tensor_input)
         if not self.train:
             return self.per_sample(image), text
         # Augmentation seeded per (seed, epoch, image): a resumed epoch sees the same crops,
@@ -204,48 +213,12 @@ class _ShardStream(IterableDataset):
             torch.manual_seed(stable_seed("augment", self.seed, self.epoch, key) % (2**63))
             return self.per_sample(image), text
 
-    def _decode(self, key: str, img: Image.Image, data: bytes, crop: Box | None) -> Image.Image | torch.Tensor:
-        """Decoded pixels of `crop` (or the whole image), as cheaply as the transform allows.
-
-        JPEGs much larger than the transform needs are decoded at 1/2, 1/4 or 1/8 scale (PIL draft,
-        DCT scaling). Otherwise, if the transform takes uint8 tensors, torchvision's libjpeg-turbo
-        decoder writes straight into a tensor (no PIL -> tensor copy). Anything else: PIL.
-        """
-        size = img.size
-        short = min(crop[2] - crop[0], crop[3] - crop[1]) if crop else min(size)
-        factor = self.draft_size / max(1, short) if self.draft_size else 1.0
-        if img.format == "JPEG" and factor < 0.5:  # DCT scaling only comes in halves
-            img.draft("RGB", (math.ceil(size[0] * factor), math.ceil(size[1] * factor)))
-        elif img.format == "JPEG" and self.tensor_input:
-            pixels = _decode_jpeg_tensor(data)
-            if pixels is not None and tuple(pixels.shape[1:]) == (size[1], size[0]):
-                return pixels if crop is None else pixels[:, crop[1] : crop[3], crop[0] : crop[2]]
-            # torchvision refused it (CMYK, odd markers, damage): let PIL decide.
-        _load(key, img)
-        if crop is not None:
-            sx, sy = img.size[0] / size[0], img.size[1] / size[1]
-            return img.crop((crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
-        # Detach from the BytesIO-backed file so closing it does not matter.
-        return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _decode_jpeg_tensor(data: bytes) -> torch.Tensor | None:
-    """uint8 (3, H, W) from JPEG bytes via torchvision, or None if its decoder refuses them."""
-    with warnings.catch_warnings():
-        # The bytes are read-only; the decoder only reads them.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        try:
-            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            return None
-
 
 def raw_samples(shards: list[Path], skip: Callable[..., None]) -> Iterator[RawSample]:
     """(key, jpg bytes, parsed JSON, shard) of the usable samples of `shards`; others go to `skip`."""
 
     def on_error(exc: Exception) -> bool:
-        skip("bad_tar", "-", " ".join(str(a) for a in exc.args[:1]), type(exc).__name__)
+        skip("bad_tar", "-", "-", f"{type(exc).__name__}: {str(exc)[:300]}")
         return True  # go on with the next member / shard
 
     for sample in wds.tarfile_samples(({"url": str(p)} for p in shards), handler=on_error):
@@ -292,29 +265,6 @@ class _Collate:
             images = self.normalize(images)
         tokens = self.tokenizer([text for _, text in batch])
         return images, {name: torch.as_tensor(value) for name, value in tokens.items()}
-
-
-def _open_image(key: str, data: bytes) -> Image.Image:
-    """Open (not decode) image bytes, refusing non-image formats and decompression bombs."""
-    try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(key, "not_an_image", str(exc)) from None
-    width, height = img.size
-    if width <= 0 or height <= 0 or width * height > DEFAULT_MAX_PIXELS:
-        img.close()
-        raise BadImageError(key, "bad_size", f"{width}x{height}")
-    return img
-
-
-def _load(key: str, img: Image.Image) -> None:
-    """Decode the pixels; truncated or corrupt data becomes BadImageError."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(key, "decode_error", str(exc)) from None
 
 
 def _check_args(cfg: DataConfig, rank: int, world_size: int, start_batch: int) -> None:

@@ -1,10 +1,10 @@
 """Image transforms of a tower: train-time augmentation and eval-time resize + centre crop.
 
 Both resample only the needed source box (instead of resize-everything-then-crop), on uint8
-pixels with torchvision's antialiased bicubic kernel, then convert to normalised float in one pass:
-the same result as RandomResizedCrop / Resize + CenterCrop + ToTensor + Normalize on PIL images
-(within a few grey levels), at a fraction of the cost, which matters because decoding and
-transforms are the loader's bottleneck.
+pixels with torchvision's antialiased bicubic kernel (PIL's filter), then convert to normalised
+float: the same picture as RandomResizedCrop / Resize + CenterCrop + ToTensor + Normalize on PIL
+images (the centre crop may sit a fraction of a pixel apart: a few grey levels), at a fraction of
+the cost, which matters because decoding and transforms are the loader's bottleneck.
 
 The transform objects also say how small an image they can take without upsampling
 (`draft_size`), so the loader can let the JPEG decoder downscale while decoding (PIL `draft`).

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -78,8 +77,9 @@ def fingerprint(visual: nn.Module, shards: list[Path], eval_transform_repr: str)
 def compute_features(visual: nn.Module, shards: list[Path], transform, device: torch.device,
                      batch_size: int = 64) -> tuple[torch.Tensor, list[str], list[dict]]:
     """Pooled features of every usable training image, with its key and metadata (row order)."""
+    from vgclip.data.decoding import decode_pixels, open_image_bytes
     from vgclip.data.images import BadImageError
-    from vgclip.data.loader import _load, _open_image, raw_samples  # the loader's safe decoding
+    from vgclip.data.loader import raw_samples
 
     keys, metas, rows, pending = [], [], [], []
 
@@ -88,15 +88,18 @@ def compute_features(visual: nn.Module, shards: list[Path], transform, device: t
             rows.append(visual(torch.stack(pending).to(device)).float().cpu())
             pending.clear()
 
+    # Decode exactly as the shard loader does for this transform, so cached features equal the
+    # features of the images the loader would feed.
+    draft = getattr(transform, "draft_size", None)
+    tensor_ok = bool(getattr(transform, "accepts_uint8_tensors", False))
     was_training = visual.training
     visual.eval()
     for key, jpg, meta, _url in raw_samples(shards, lambda *a: None):  # the loader counts and logs skips
         try:
-            with _open_image(key, jpg) as img:
-                _load(key, img)
-                pending.append(transform(img))
-        except BadImageError:
-            continue
+            with open_image_bytes(key, jpg) as img:
+                pending.append(transform(decode_pixels(key, img, jpg, None, draft_size=draft, tensor_ok=tensor_ok)))
+        except (BadImageError, OSError, ValueError, RuntimeError):
+            continue  # the same images the loader skips as bad_image
         keys.append(key)
         # Keep only what whole-image pairing reads (region pairing never uses the cache).
         metas.append({"width": meta.get("width"), "height": meta.get("height"),
@@ -138,9 +141,6 @@ class FeatureCache:
                 texts.append(text)
             tokens = self.tokenizer(texts)
             yield self.features[rows], {k: torch.as_tensor(v) for k, v in tokens.items()}
-
-    def batches_per_epoch(self) -> int:
-        return math.floor(len(self) / self.world_size) // self.config.data.batch_size
 
 
 def build_feature_cache(run: _Run) -> FeatureCache:

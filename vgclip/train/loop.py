@@ -269,10 +269,11 @@ def _bad_step(run: _Run, loss: float, grad_norm: float) -> None:
     if run.logger:
         run.logger.log(run.pos.step, "train", loss=loss, note=f"skipped non-finite step ({what})")
     limit = run.config.train.max_bad_steps
-    if run.pos.bad_steps > limit:
+    if run.pos.bad_steps >= limit:
         raise VgclipError(
             f"training stopped: {run.pos.bad_steps} steps had a non-finite {what.split('=')[0]} "
-            f"(train.max_bad_steps={limit}); lower train.lr or use train.precision=fp32/bf16"
+            f"(train.max_bad_steps={limit}); lower train.lr or use train.precision=fp32/bf16, then resume "
+            f"from the last good checkpoint in {run.run_dir / 'checkpoints'}"
         )
 
 
@@ -344,7 +345,7 @@ def _zeroshot(run: _Run, voc_root: Path) -> dict:
     report = run_zeroshot(run.raw, run.eval_tf, run.tokenizer, voc_root, "test", run.config.eval,
                           run.run_dir / "zeroshot", options, device=run.info.device)
     run.raw.train()
-    return {k: report[k] for k in ("mAP", "chance_mAP") if k in report} | {"report": str(run.run_dir / "zeroshot")}
+    return {k: report[k] for k in ("mAP", "chance_mean") if k in report} | {"report": str(run.run_dir / "zeroshot")}
 
 
 def _maybe_feature_cache(run: _Run):

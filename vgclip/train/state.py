@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class Position:
     bad_steps: int = 0
     best_val_loss: float | None = None
     val_loss: float | None = None  # at this checkpoint, if validation ran just before it
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,9 +132,15 @@ def save_train_state(
             "config": config,
         }
         (tmp / STATE_FILE).write_text(json.dumps(doc), encoding="utf-8")
+        old = None
         if final.exists():  # e.g. epoch end falls on a periodic checkpoint step: replace it
-            shutil.rmtree(final)
+            # A folder cannot be renamed over a non-empty one: move the old one aside first, so
+            # the window without a step-N folder is two renames long, not a whole delete.
+            old = Path(tempfile.mkdtemp(prefix=f".old-step-{position.step}.", dir=ckpt_root))
+            os.replace(final, old / "ckpt")
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

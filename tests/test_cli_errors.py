@@ -1,0 +1,56 @@
+"""Bad input on the command line is one clear line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vgclip.cli import main
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", "tiny", "train.lrr=1"])
+    assert code == 2
+    assert "unknown config key 'train.lrr'" in _one_line_error(capsys)
+
+
+def test_missing_vg_root_files(tmp_path, capsys):
+    (tmp_path / "vg").mkdir()
+    (tmp_path / "vg" / "image_data.json").write_text("[]")
+    code = main(["prepare", "--vg-root", str(tmp_path / "vg"), "--out", str(tmp_path / "shards")])
+    assert code == 2
+    assert "region_descriptions.json" in _one_line_error(capsys)
+
+
+def test_checkpoint_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    code = main(["zeroshot", "--checkpoint", str(missing), "--voc-root", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert str(missing) in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("command", ["synth", "prepare", "train", "zeroshot", "predict", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: vgclip" in capsys.readouterr().out
+
+
+def test_console_script_runs_offline():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "vgclip.cli", "train", "--data", "/nonexistent", "--out", "/tmp/x"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "/nonexistent" in result.stderr and "Traceback" not in result.stderr

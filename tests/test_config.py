@@ -1,0 +1,79 @@
+"""Config presets, YAML loading and key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from vgclip.config import Config, config_to_dict, load_config, preset_names, save_config
+from vgclip.errors import ConfigError
+
+
+def test_presets_load_and_carry_the_seed_settings():
+    assert {"seed", "offline-small", "tiny"} <= set(preset_names())
+    seed = load_config("seed")
+    assert seed.model.image.name == "efficientnet_b5" and seed.model.image.weights == "hub"
+    assert seed.model.text.name == "google/bert_uncased_L-4_H-512_A-8"
+    assert (seed.data.batch_size, seed.train.lr, seed.train.weight_decay) == (128, 1e-4, 1e-4)
+    small = load_config("offline-small")
+    assert small.model.image.weights == "package" and small.model.text.name.startswith("package:")
+    assert small.model.image.mean == (0.5, 0.5, 0.5)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("tiny", ["train.lr=2e-4", "data.batch_size=3", "model.image.image_size=96",
+                               "eval.thresholds=[0.1, 0.9]", "train.channels_last=true", "model.text.name=my/model"])
+    assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.data.batch_size == 3
+    assert cfg.model.image.image_size == 96
+    assert cfg.eval.thresholds == (0.1, 0.9)
+    assert cfg.train.channels_last is True
+    assert cfg.model.text.name == "my/model"
+    # Keys not overridden keep the preset's value.
+    assert cfg.model.embed_dim == load_config("tiny").model.embed_dim
+
+
+def test_int_is_accepted_for_a_float_field():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1e-3", "unknown config key 'train.lrr'"),
+        ("model.image.sise=3", "unknown config key 'model.image.sise'"),
+        ("data.batch_size=big", "config key 'data.batch_size' expects int"),
+        ("data.batch_size=1.5", "config key 'data.batch_size' expects int"),
+        ("train.channels_last=3", "config key 'train.channels_last' expects bool"),
+        ("train.lr", "not of the form key=value"),
+        ("train=3", "config section 'train' must be a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config preset 'nope'"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochz'"):
+        load_config(str(typo))
+
+
+def test_config_is_frozen_and_round_trips_through_yaml(tmp_path):
+    cfg = load_config("offline-small", ["train.epochs=7"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(cfg)
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert isinstance(cfg, Config)
