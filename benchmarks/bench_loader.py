@@ -2,8 +2,8 @@
 
 Writes ~300 photo-like JPEG samples (512 px longer side) as shards in the docs/design.md format, then
 times, with one process (num_workers=0):
-  raw:    Image.open + convert("RGB") + load of each JPEG (the floor any loader pays)
-  loader: make_loader over the shards (tar read + JSON + decode + eval transform 224 + tokenise + collate);
+  raw:    Image.open + convert("RGB") + load of each JPEG (what a PIL loader pays before any transform)
+  loader: make_loader over the shards (tar read + JSON + decode + eval transform, 224 by default + tokenise + collate);
           it decodes JPEGs with torchvision's libjpeg-turbo binding (or PIL draft when the image is
           at least twice the size the transform needs)
 and prints one JSON line with both rates (samples/s) and loader/raw (target >= 0.8).
@@ -93,13 +93,13 @@ def time_raw(jpegs: list[bytes]) -> float:
     return len(jpegs) / (time.perf_counter() - start)
 
 
-def time_loader(root: Path, tokenizer: Tokenizer, batch_size: int) -> float:
-    transform = build_image_transform(224, train=False)
+def time_loader(root: Path, tokenizer: Tokenizer, batch_size: int, image_size: int) -> float:
+    transform = build_image_transform(image_size, train=False)
     cfg = DataConfig(batch_size=batch_size, num_workers=0, shuffle_buffer=1)
     start = time.perf_counter()
     n = 0
     for images, tokens in make_loader(root, "train", cfg, transform, tokenizer, train=False, seed=0):
-        assert images.shape[1:] == (3, 224, 224) and tokens["input_ids"].shape[1] == 32
+        assert images.shape[1:] == (3, image_size, image_size) and tokens["input_ids"].shape[1] == 32
         n += images.shape[0]
     return n / (time.perf_counter() - start)
 
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224, help="eval transform size (default 224)")
     args = parser.parse_args()
     # A DataLoader worker runs with one torch thread; do the same so "one worker" means one core
     # (and torch's idle OpenMP threads do not compete with Pillow on a small machine).
@@ -117,18 +118,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         jpegs = write_shards(root, args.samples)
-        time_loader(root, tokenizer, args.batch_size)  # warm-up: imports, first-call costs
+        time_loader(root, tokenizer, args.batch_size, args.image_size)  # warm-up: imports, first-call costs
         raw, loader = [], []
         for _ in range(args.rounds):
             raw.append(time_raw(jpegs))
-            loader.append(time_loader(root, tokenizer, args.batch_size))
+            loader.append(time_loader(root, tokenizer, args.batch_size, args.image_size))
     # Paired rounds: each ratio compares two back-to-back passes, so load from other processes on
     # a shared machine mostly cancels; the median ratio is the headline.
     ratios = sorted(lo / ra for lo, ra in zip(loader, raw))
     result = {
         "benchmark": "loader_vs_raw_pillow_decode",
         "samples": args.samples,
-        "image_size": 224,
+        "image_size": args.image_size,
         "mean_jpeg_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
         "raw_decode_samples_per_s": round(statistics.median(raw), 1),
         "loader_samples_per_s": round(statistics.median(loader), 1),

@@ -140,3 +140,15 @@ def test_resolve_resume_errors_name_the_folder(tmp_path):
         S.resolve_resume(tmp_path, "latest")
     with pytest.raises(VgclipError, match="not a checkpoint"):
         S.resolve_resume(tmp_path, tmp_path / "nope")
+
+
+def test_resolve_resume_accepts_latest_a_checkpoint_or_a_run(tmp_path):
+    model, opt, sched, _ = _toy_training_state(0)
+    for step in (3, 12):  # numeric, not lexical, order: step-12 is newer than step-3
+        S.save_train_state(tmp_path / "run" / "checkpoints", model=model, optimizer=opt, scheduler=sched,
+                           scaler=None, position=S.Position(step=step), config={})
+    newest = tmp_path / "run" / "checkpoints" / "step-12"
+    assert S.resolve_resume(tmp_path / "run", "latest") == newest
+    assert S.resolve_resume(tmp_path / "elsewhere", str(tmp_path / "run")) == newest
+    older = tmp_path / "run" / "checkpoints" / "step-3"
+    assert S.resolve_resume(tmp_path / "elsewhere", str(older)) == older
