@@ -275,3 +275,47 @@ def test_unreadable_shard_is_counted_and_the_rest_still_load(tmp_path):
     loader = make_loader(tmp_path, "train", cfg(batch_size=1), EVAL_32, CharTokenizer(), train=False, seed=0)
     assert sorted(image_ids(collect(loader))) == [0, 1, 2, 3, 4]
     assert loader.skipped.get("bad_tar", 0) >= 1
+
+
+def test_mirror_text_swaps_left_and_right():
+    from vgclip.data.pairing import mirror_text
+
+    assert mirror_text("a red circle on the left") == "a red circle on the right"
+    assert mirror_text("Left of the star, right of a Cross") == "Right of the star, left of a Cross"
+    assert mirror_text("a bright leftover") == "a bright leftover"
+
+
+def test_flipped_training_images_get_mirrored_phrases(tmp_path):
+    """A bright left half: after a flip it is on the right, and so must the phrase say."""
+    import io
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    from vgclip.config import DataConfig
+    from vgclip.data.loader import make_loader
+    from vgclip.data.transforms import build_image_transform
+
+    (tmp_path / "train").mkdir()
+    with wds.TarWriter(str(tmp_path / "train" / "shard-000000.tar")) as sink:
+        for i in range(16):
+            image = Image.new("RGB", (64, 64), "black")
+            image.paste((255, 255, 255), (0, 0, 32, 64))
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG")
+            meta = {"image_id": i, "source": "vg", "width": 64, "height": 64,
+                    "regions": [{"phrase": "white on the left", "box": [0, 0, 32, 64]}]}
+            sink.write({"__key__": f"vg-{i:09d}", "jpg": buf.getvalue(), "json": json.dumps(meta)})
+    cfg = DataConfig(batch_size=16, num_workers=0, shuffle_buffer=1)
+    words = lambda texts: {"text": texts}  # noqa: E731 - a "tokenizer" that keeps the texts
+    loader = make_loader(tmp_path, "train", cfg, build_image_transform(32, (0.5,) * 3, (0.5,) * 3, train=True),
+                         words, train=True, seed=1, epoch=0)
+    images, tokens = next(iter(loader))
+    texts = tokens["text"]
+    flipped = 0
+    for image, text in zip(images, texts):
+        left_brighter = image[:, :, :16].mean() > image[:, :, 16:].mean()
+        assert ("left" in text) == bool(left_brighter), text
+        flipped += "right" in text
+    assert 0 < flipped < 16

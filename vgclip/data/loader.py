@@ -37,7 +37,7 @@ from webdataset.tariterators import base_plus_ext
 from vgclip.config import DataConfig
 from vgclip.data.decoding import decode_pixels, open_image_bytes
 from vgclip.data.images import BadImageError
-from vgclip.data.pairing import Pairing, choose_pair, metadata_problem, parse_pairing, stable_seed
+from vgclip.data.pairing import Pairing, choose_pair, metadata_problem, mirror_text, parse_pairing, stable_seed
 from vgclip.errors import ConfigError, VgclipError
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,11 @@ class _ShardStream(IterableDataset):
         # without disturbing the caller's global torch RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stable_seed("augment", self.seed, self.epoch, key) % (2**63))
-            return self.per_sample(image), text
+            if not getattr(self.transform, "accepts_flip", False):  # another callable: its own augmentation
+                return self.per_sample(image), text
+            # A flipped image must not keep a phrase that says "on the left".
+            flip = rng.random() < 0.5
+            return self.per_sample(image, flip=flip), mirror_text(text) if flip else text
 
 
 def raw_samples(shards: list[Path], skip: Callable[..., None]) -> Iterator[RawSample]:
@@ -243,6 +247,14 @@ def _sample_problem(sample: dict[str, Any]) -> tuple[str | None, Any]:
     return metadata_problem(meta), meta
 
 
+def _as_tensor(value: Any) -> Any:
+    """Token arrays become tensors; anything else (e.g. raw strings of a custom tokenizer) passes through."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError):
+        return value
+
+
 def _split_transform(transform: Callable) -> tuple[Callable, Callable | None]:
     """(per-sample part, per-batch part): transforms with `pixels` + `normalize` (ImageTransform)
     produce uint8 per sample and are normalised once per stacked batch; others run whole per sample."""
@@ -264,7 +276,7 @@ class _Collate:
         if self.normalize is not None:
             images = self.normalize(images)
         tokens = self.tokenizer([text for _, text in batch])
-        return images, {name: torch.as_tensor(value) for name, value in tokens.items()}
+        return images, {name: _as_tensor(value) for name, value in tokens.items()}
 
 
 def _check_args(cfg: DataConfig, rank: int, world_size: int, start_batch: int) -> None:

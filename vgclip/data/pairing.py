@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,3 +141,17 @@ def region_crop(box: Any, margin: float, image_size: tuple[int, int], min_size: 
     left, top = max(0, math.floor(x0 - dx)), max(0, math.floor(y0 - dy))
     right, bottom = min(width, math.ceil(x1 + dx)), min(height, math.ceil(y1 + dy))
     return left, top, right, bottom
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_text(text: str) -> str:
+    """Swap the words left and right (keeping case): the phrase of a horizontally flipped image."""
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _LEFT_RIGHT.sub(swap, text)

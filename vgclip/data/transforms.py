@@ -38,6 +38,7 @@ class ImageTransform:
         self.image_size = int(image_size)
         self.train = bool(train)
         self.accepts_uint8_tensors = True  # `pixels` takes uint8 (3, H, W) tensors as well as PIL
+        self.accepts_flip = True  # `pixels(..., flip=)` lets the caller decide the flip
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         # Smallest shorter side the transform can take without upsampling: a train crop may cover
@@ -50,17 +51,18 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.pixels(image))
 
-    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+    def pixels(self, image: Image.Image | torch.Tensor, flip: bool | None = None) -> torch.Tensor:
         """The crop/resize/flip part, PIL image or uint8 (3, H, W) tensor -> uint8 (3, S, S).
 
         The loader stacks these and calls `normalize` once per batch (a quarter of the memory
-        traffic of stacking float images).
+        traffic of stacking float images). At train time `flip=None` flips at random; the loader
+        passes its own decision so it can mirror "left"/"right" in the paired phrase.
         """
         chw = image if isinstance(image, torch.Tensor) else _pil_to_chw(image)
         height, width = chw.shape[-2:]
         if self.train:
             top, left, h, w = T.RandomResizedCrop.get_params(chw, TRAIN_SCALE, TRAIN_RATIO)
-            flip = bool(torch.rand(()) < 0.5)
+            flip = bool(torch.rand(()) < 0.5) if flip is None else flip
         else:
             left_f, top_f, right_f, bottom_f = centre_square((width, height))
             left, top, w, h = round(left_f), round(top_f), round(right_f - left_f), round(bottom_f - top_f)
