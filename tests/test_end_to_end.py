@@ -14,7 +14,6 @@ from vgclip.data.synthetic import SYNTH_CLASSES, write_synthetic_vg, write_synth
 from vgclip.data.visual_genome import iter_vg_records
 from vgclip.data.voc import load_voc
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def test_synthetic_visual_genome_is_read_by_the_real_reader(tmp_path):

@@ -12,12 +12,18 @@ import time
 from pathlib import Path
 
 # Settings that make the offline-small towers learn the synthetic scenes within a few minutes on a
-# 2-core CPU: small images (the shapes stay recognisable at 112 px), batch 32, a few epochs.
+# 2-core CPU: small images (the shapes stay recognisable at 112 px), short phrases (16 tokens), and
+# the image tower's early blocks locked (ImageNet edges and textures serve as they are; backward
+# through the high-resolution early layers is most of a step's cost). Measured on 2 cores: about
+# 6 minutes end to end, zero-shot mAP 0.85 against a chance level of 0.23.
 DEMO_OVERRIDES = (
     "model.image.image_size=112",
+    "model.image.lock=true",
+    "model.image.unlocked_blocks=3",
+    "model.text.max_length=16",
     "data.batch_size=32",
     "data.num_workers=1",
-    "train.epochs=3",
+    "train.epochs=6",
     "train.lr=2e-4",
     "train.warmup_steps=10",
     "train.log_every=10",

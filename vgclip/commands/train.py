@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="shard folder written by `vgclip prepare`")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--config", help="preset name (tiny, offline-small, seed) or a YAML file; default: "
-                   "the run's config.yaml when resuming, else the built-in defaults")
+                   "the run's config.yaml when resuming, else offline-small (works with no network)")
     p.add_argument("--resume", help="'latest' (newest checkpoint in --out) or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that already holds checkpoints (they are deleted)")
@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     saved = args.out / "config.yaml"
     if config_source is None and args.resume and saved.is_file():
         config_source = str(saved)  # a resumed run keeps its settings unless told otherwise
+    elif config_source is None:
+        config_source = "offline-small"
     config = load_config(config_source, args.overrides)
     checkpoints = args.out / "checkpoints"
     if args.resume is None and checkpoints.is_dir() and any(checkpoints.iterdir()):
