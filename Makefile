@@ -9,7 +9,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # pip prints a warning per missing local index folder; keep the output readable.
-PIP_QUIET := grep -v "^WARNING: Location" || true
+# (sed, not grep -v: it succeeds on empty input, so with pipefail a pip failure still stops make)
+PIP_QUIET := sed "/^WARNING: Location/d"
 
 .PHONY: demo test install install-dev bench clean
 

@@ -58,8 +58,11 @@ def test_tokenizer_pads_truncates_and_pickles(tiny):
     assert out["input_ids"].dtype == torch.long and out["attention_mask"].dtype == torch.long
     assert out["input_ids"].shape == out["attention_mask"].shape == (2, length)
     assert out["attention_mask"][0].sum() < length and out["attention_mask"][1].sum() == length
+    # Padded to the longest text of the call, not to max_length: a lone short text stays short.
     single = tokenizer("a")
-    assert torch.equal(single["input_ids"], out["input_ids"][:1])
+    assert single["input_ids"].shape == (1, 3)  # [CLS] a [SEP]
+    assert torch.equal(single["input_ids"], out["input_ids"][:1, :3])
+    assert torch.equal(tokenizer(["a", "a red car"])["attention_mask"].sum(1), torch.tensor([3, 5]))
     clone = pickle.loads(pickle.dumps(tokenizer))
     assert torch.equal(clone(["a cat"])["input_ids"], tokenizer(["a cat"])["input_ids"])
 

@@ -43,7 +43,12 @@ class TextTower(nn.Module):
 
 
 class Tokenizer:
-    """texts -> fixed-length `input_ids` / `attention_mask` LongTensors (picklable for loader workers)."""
+    """texts -> `input_ids` / `attention_mask` LongTensors (picklable for loader workers).
+
+    Padded to the longest text of the call, truncated at `max_length`: region phrases are short
+    (5-10 tokens), so padding every batch to max_length would spend most of the text tower's
+    compute on padding. The loader tokenises whole batches at once, so batches still stack.
+    """
 
     def __init__(self, hf_tokenizer, max_length: int):
         if max_length < 2:
@@ -52,11 +57,11 @@ class Tokenizer:
         self.max_length = max_length
 
     def __call__(self, texts: list[str] | str) -> dict[str, torch.Tensor]:
-        """Tokenise, truncate and pad every text to `max_length` (so worker batches stack)."""
+        """Tokenise, truncate at `max_length`, pad to the longest text in `texts`."""
         if isinstance(texts, str):
             texts = [texts]
         encoded = self.hf_tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {
             "input_ids": encoded["input_ids"].long(),
