@@ -6,11 +6,23 @@ import io
 import math
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image
 
 from vgclip.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, BadImageError
 from vgclip.data.pairing import Box
+
+try:
+    # libjpeg-turbo with its DCT scaling at any M/8 (PIL's draft only offers 1/2, 1/4, 1/8), output as
+    # an HWC array that is already the channels-last layout the uint8 resize kernel wants.
+    import simplejpeg
+except ImportError:  # optional: without it, PIL draft / torchvision decode as before
+    simplejpeg = None
+
+# Colour models libjpeg-turbo converts to RGB exactly as PIL does. CMYK/YCCK go to PIL, which
+# knows Adobe's inverted-CMYK convention; they are rare in photo datasets.
+_TURBO_COLOURSPACES = ("YCbCr", "Gray", "RGB")
 
 try:
     # Deprecated in torchvision 0.29 (moving to TorchCodec) but ~30 % faster than PIL + copy; when it
@@ -27,12 +39,19 @@ def decode_pixels(key: str, img: Image.Image, data: bytes, crop: Box | None, *, 
     """Decoded pixels of `crop` (or the whole image), as cheaply as the transform allows.
 
     JPEGs much larger than the transform needs are decoded at 1/2, 1/4 or 1/8 scale (PIL draft,
-    DCT scaling). Otherwise, if the transform takes uint8 tensors, torchvision's libjpeg-turbo
-    decoder writes straight into a tensor (no PIL -> tensor copy). Anything else: PIL.
+    DCT scaling). With simplejpeg installed, JPEGs are instead decoded at the smallest M/8 scale
+    (M = 1..8) that keeps the needed box at least `draft_size` on its shorter side: fewer pixels
+    to colour-convert and to resize (the entropy decoding costs the same). Otherwise, if the transform takes
+    uint8 tensors, torchvision's libjpeg-turbo decoder writes straight into a tensor (no PIL ->
+    tensor copy). Anything else, and anything these decoders refuse: PIL.
     """
     size = img.size
     short = min(crop[2] - crop[0], crop[3] - crop[1]) if crop else min(size)
     factor = draft_size / max(1, short) if draft_size else 1.0
+    if img.format == "JPEG" and simplejpeg is not None:
+        array = decode_jpeg_scaled(data, size, factor)
+        if array is not None:
+            return _crop_array(array, size, crop, tensor_ok)
     if img.format == "JPEG" and factor < 0.5:  # DCT scaling only comes in halves
         img.draft("RGB", (math.ceil(size[0] * factor), math.ceil(size[1] * factor)))
     elif img.format == "JPEG" and tensor_ok and decode_jpeg is not None:
@@ -46,6 +65,53 @@ def decode_pixels(key: str, img: Image.Image, data: bytes, crop: Box | None, *, 
         return img.crop((crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
     # After load() the pixels are in memory: the caller may close the image's file.
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def jpeg_scale_eighths(factor: float) -> int:
+    """The smallest M in 1..8 with M/8 >= `factor`: the DCT scale that never upsamples the needed box."""
+    return min(8, max(1, math.ceil(factor * 8 - 1e-9)))
+
+
+def decode_jpeg_scaled(data: bytes, size: tuple[int, int], factor: float) -> np.ndarray | None:
+    """uint8 (H', W', 3) RGB from JPEG bytes at the DCT scale `jpeg_scale_eighths(factor)`, or None.
+
+    None (the caller falls back to PIL / torchvision) when simplejpeg refuses the data, the colour
+    model is not one it converts like PIL, or its header disagrees with the `size` PIL read: the
+    pixel limit was checked on PIL's header, so a file whose two parsers disagree is not trusted.
+    """
+    width, height = size
+    eighths = jpeg_scale_eighths(factor)
+    try:
+        head_h, head_w, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+        if (head_w, head_h) != size or colourspace not in _TURBO_COLOURSPACES:
+            return None
+        # libjpeg-turbo's scaled size is ceil(side * M / 8); simplejpeg picks the smallest scale
+        # whose output is at least this large, i.e. M/8 (or a smaller M giving the same pixels).
+        want_w, want_h = math.ceil(width * eighths / 8), math.ceil(height * eighths / 8)
+        # strict: recoverable errors (truncated scans, corrupt markers) raise instead of grey rows.
+        array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=want_h, min_width=want_w, strict=True)
+    except (ValueError, RuntimeError, OSError):
+        return None
+    if array.shape != (want_h, want_w, 3):  # a scale we did not ask for: do not guess the geometry
+        return None
+    return array
+
+
+def _crop_array(array: np.ndarray, size: tuple[int, int], crop: Box | None,
+                tensor_ok: bool) -> Image.Image | torch.Tensor:
+    """The `crop` box (original pixel coordinates) of a possibly downscaled decode, as the transform takes it."""
+    if crop is not None:
+        # The box scales with the decode; round like PIL's Image.crop and keep at least one pixel.
+        sx, sy = array.shape[1] / size[0], array.shape[0] / size[1]
+        left = min(round(crop[0] * sx), array.shape[1] - 1)
+        top = min(round(crop[1] * sy), array.shape[0] - 1)
+        right = max(left + 1, min(round(crop[2] * sx), array.shape[1]))
+        bottom = max(top + 1, min(round(crop[3] * sy), array.shape[0]))
+        array = array[top:bottom, left:right]
+    if tensor_ok:
+        # A (3, H, W) view of the HWC array: channels-last, which the antialiased resize prefers.
+        return torch.from_numpy(array).permute(2, 0, 1)
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def decode_jpeg_tensor(data: bytes) -> torch.Tensor | None:
