@@ -4,12 +4,13 @@ Writes ~300 photo-like JPEG samples (512 px longer side) as shards in the docs/d
 times, with one process (num_workers=0):
   raw:    Image.open + convert("RGB") + load of each JPEG (what a PIL loader pays before any transform)
   loader: make_loader over the shards (tar read + JSON + decode + eval transform, 224 by default + tokenise + collate);
-          it decodes JPEGs with simplejpeg (libjpeg-turbo) at the smallest M/8 DCT scale that still
-          covers the transform's size (without simplejpeg: torchvision's decoder, or PIL draft when the
-          image is at least twice the size the transform needs); "jpeg_decoder" says which
+          it decodes JPEGs with simplejpeg (libjpeg-turbo) at the smallest M/8 DCT scale that
+          still covers the transform's size, M <= 5 else 8 (without simplejpeg: torchvision's
+          decoder, or PIL draft when the image is at least twice the size the transform needs);
+          "jpeg_decoder" says which
 and prints one JSON line with both rates (samples/s) and loader/raw (target >= 0.8). When simplejpeg
 is installed, the loader is also timed as if it were not ("fallback_*": torchvision / PIL draft decodes).
-Rounds alternate between the two and the median of the paired ratios is reported (the machine may be shared).
+Rounds alternate between them and the median of the paired ratios is reported (the machine may be shared).
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ def mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_scale_is_the_smallest_eighth_that_does_not_upsample():
-    assert [jpeg_scale_eighths(f) for f in (0.01, 0.125, 0.126, 0.5, 0.6, 0.625, 0.99, 1.0, 3.0)] == \
-        [1, 1, 2, 4, 5, 5, 8, 8, 8]
+    assert [jpeg_scale_eighths(f) for f in (0.01, 0.125, 0.126, 0.3, 0.5, 0.6, 0.625, 0.7, 0.99, 1.0, 3.0)] == \
+        [1, 1, 2, 3, 4, 5, 5, 8, 8, 8, 8]  # 6/8 and 7/8 decode slower than 8/8: skipped
     for short in range(60, 700, 7):
         for need in (32, 96, 224):
             assert short * jpeg_scale_eighths(need / short) / 8 >= min(need, short)
@@ -76,10 +76,10 @@ def test_scale_is_the_smallest_eighth_that_does_not_upsample():
 @pytest.mark.parametrize("progressive", [False, True])
 def test_scaled_decode_then_resize_matches_full_decode(turbo, progressive):
     data = encode(photo(), progressive=progressive)
-    transform = build_image_transform(96, train=False)
+    transform = build_image_transform(88, train=False)
     pixels = decode(data, draft_size=transform.draft_size)
-    # 96 of the 150 px shorter side: 6/8 scale with simplejpeg; full size otherwise (draft needs 2x).
-    assert tuple(pixels.shape) == ((3, 113, 150) if turbo else (3, 150, 200))
+    # 88 of the 150 px shorter side: 5/8 scale with simplejpeg; full size otherwise (draft needs 2x).
+    assert tuple(pixels.shape) == ((3, 94, 125) if turbo else (3, 150, 200))
     assert mean_abs(transform.pixels(pixels), transform.pixels(reference(data))) < 3
 
 
