@@ -62,10 +62,14 @@ def vgclip_step(config, batches, device, locked: bool):
     from vgclip.model.clip import create_model
     from vgclip.model.loss import ClipLoss
     from vgclip.train.cache import CachedImageClip
+    from vgclip.train.optim import build_optimizer
     from vgclip.train.step import forward_backward
 
     model = create_model(config.model)[0].to(device).train()
-    opt, loss_fn = _optimizer(model), ClipLoss()
+    # As `vgclip train` does (train.channels_last, on by default): NHWC weights and inputs.
+    fmt = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    opt, loss_fn = build_optimizer(model, config.train), ClipLoss()  # vgclip's own (fused AdamW)
     if locked:  # features computed once, outside the timed loop, as the LiT cache does
         with torch.no_grad():
             cache = {id(b[0]): model.visual(b[0]) for b in batches}
@@ -74,7 +78,7 @@ def vgclip_step(config, batches, device, locked: bool):
         runner = model
 
     def step(images, tokens):
-        inputs = cache[id(images)] if locked else images
+        inputs = cache[id(images)] if locked else images.contiguous(memory_format=fmt)
         forward_backward(runner, loss_fn, [(inputs, tokens)], autocast=contextlib.nullcontext)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()

@@ -15,6 +15,7 @@ the two classifiers' class embeddings (they must be the same).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -124,7 +125,7 @@ def image_folder(args: argparse.Namespace, tmp: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a run folder (default: a fresh model of --config)")
-    parser.add_argument("--config", default="tiny", help="preset for a fresh model (default tiny)")
+    parser.add_argument("--config", default="offline-small", help="preset for a fresh model (default offline-small)")
     parser.add_argument("--folder", type=Path, help="images to score (default: the shared VOC2012 sample)")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -137,13 +138,16 @@ def main() -> None:
     else:
         model, transform, tokenizer = vgclip.create_model(vgclip.load_config(args.config))
     model = model.to(args.device).eval()
+    # open_clip gets its own copy, untouched by vgclip's inference settings (encode_images switches
+    # the model it is given to channels_last).
+    open_clip_copy = copy.deepcopy(model)
     texts = [readable_name(c) for c in STANDARD_CLASSES]
     best = {"vgclip": 0.0, "open_clip": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         paths = image_folder(args, Path(tmp))
         for _ in range(args.rounds):
             rate_v, emb_v = vgclip_path(model, transform, tokenizer, paths, texts, args)
-            rate_o, emb_o = open_clip_path(model, transform, tokenizer, paths, texts, args)
+            rate_o, emb_o = open_clip_path(open_clip_copy, transform, tokenizer, paths, texts, args)
             best["vgclip"], best["open_clip"] = max(best["vgclip"], rate_v), max(best["open_clip"], rate_o)
     print(json.dumps({
         "benchmark": "zeroshot_scoring", "device": args.device, "images": len(paths), "classes": len(texts),

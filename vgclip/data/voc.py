@@ -20,7 +20,7 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 from PIL import Image
 
-from vgclip.data.images import open_image_checked
+from vgclip.data.decoding import decode_pixels, open_image_bytes
 from vgclip.errors import VgclipError
 
 log = logging.getLogger(__name__)
@@ -299,21 +299,34 @@ def _labels_from_lists(
 class ImageListDataset(torch.utils.data.Dataset):
     """Images by path, transformed; a bad file yields (index, None, reason) instead of killing the worker.
 
-    Images are opened with `vgclip.data.images.open_image_checked` (format sniffing, pixel limit).
+    Images are opened as the training loader opens shard images (`vgclip.data.decoding`: allowed
+    formats only, pixel limit checked before decoding) and decoded as cheaply as the transform
+    allows (JPEG DCT scaling when the image is much larger than the model input).
     """
 
     def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.draft_size = getattr(transform, "draft_size", None)
+        self.tensor_ok = bool(getattr(transform, "accepts_uint8_tensors", False))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        path = Path(self.paths[index])
         try:
-            return index, self.transform(open_image_checked(self.paths[index])), ""
+            data = path.read_bytes()
+            if not data:
+                raise VgclipError(f"{path}: empty file")
+            with open_image_bytes(str(path), data) as img:
+                pixels = decode_pixels(str(path), img, data, None, draft_size=self.draft_size,
+                                       tensor_ok=self.tensor_ok)
+            return index, self.transform(pixels), ""
         except VgclipError as exc:
             return index, None, str(exc)
+        except OSError as exc:
+            return index, None, f"{path}: cannot read ({exc.strerror or exc})"
 
 
 def collate_images(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:

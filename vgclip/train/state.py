@@ -161,6 +161,7 @@ def load_train_state(
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         opt = optimizer_from_flat(load_file(str(ckpt / "optimizer.safetensors")), doc["optimizer"])
         optimizer.load_state_dict(opt)
+        _match_param_layout(optimizer)
         scheduler.load_state_dict(doc["scheduler"])
         if scaler is not None and scaler.is_enabled() and doc["scaler"]:
             scaler.load_state_dict(doc["scaler"])
@@ -168,6 +169,20 @@ def load_train_state(
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise VgclipError(f"{ckpt}: not a usable training checkpoint ({exc})") from None
     return Position(**doc["position"])
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every restored state tensor (exp_avg, ...) the memory layout of its parameter.
+
+    safetensors stores tensors contiguous, so channels_last conv weights get contiguous moments back;
+    the fused AdamW kernel walks parameter and state with the same flat index and would then pair
+    the wrong elements (seen as a resumed run drifting from an uninterrupted one).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
