@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from _train_fixtures import write_shards
 from vgclip.cli import main
 
 
@@ -23,6 +24,16 @@ def test_unknown_config_key(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", "tiny", "train.lrr=1"])
     assert code == 2
     assert "unknown config key 'train.lrr'" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(("override", "message"), [("train.lr=[1", "not valid YAML"),
+                                                   ("data.batch_size=0", "data.batch_size must be >= 1")])
+def test_bad_override_values(tmp_path, capsys, override, message):
+    shards = tmp_path / "shards"
+    write_shards(shards, n_train=4, n_val=0)
+    code = main(["train", "--data", str(shards), "--out", str(tmp_path / "run"), "--config", "tiny", override])
+    assert code == 2
+    assert message in _one_line_error(capsys)
 
 
 def test_missing_vg_root_files(tmp_path, capsys):

@@ -54,7 +54,9 @@ def test_demo_runs_end_to_end_with_tiny_towers(tmp_path, capsys):
 
     assert code == 0, printed
     report = json.loads((out / "report" / "report.json").read_text())
-    assert 0.0 <= report["mAP"] <= 1.0
+    # One epoch of tiny random towers learns little; the report must still be complete and consistent.
+    assert 0.0 <= report["chance_mean"] < 1.0 and 0.0 <= report["mAP"] <= 1.0
+    assert report["mAP"] == pytest.approx(sum(report["AP"].values()) / len(report["AP"]))
     assert set(report["AP"]) == set(SYNTH_CLASSES)
     assert (out / "run" / "model.safetensors").is_file()
     assert (out / "report" / "scores.csv").is_file()

@@ -48,5 +48,6 @@ def test_coco_mini_training_gives_zero_shot_voc_well_above_chance(tmp_path):
 
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(report["AP"]) == 20
-    # Chance (the mean class prevalence) is about 0.075 on these 100 photos; measured mAP is about 0.5.
-    assert report["mAP"] > 3 * report["chance_mean"], (report["mAP"], report["chance_mean"])
+    # Chance (the mean class prevalence) is 0.075 on these 100 photos; measured mAP 0.535 with these settings.
+    assert report["chance_mean"] == pytest.approx(0.075, abs=0.01)
+    assert report["mAP"] > 0.4, (report["mAP"], report["chance_mean"])

@@ -217,3 +217,12 @@ def test_real_sample_without_imagesets(tmp_path: Path) -> None:
     assert report["data"]["ignored_entries"] == 0  # difficult=positive: nothing left out
     assert "CLIP_benchmark" in (tmp_path / "rep" / "report.md").read_text()
     assert len(report["AP"]) == 20 and report["chance"]["person"] == pytest.approx(report["counts"]["person"]["positives"] / 100)
+
+
+def test_rerun_without_tuning_removes_stale_thresholds(synth_voc: Path, tmp_path: Path) -> None:
+    """`predict --thresholds` must never pick up thresholds of an earlier run in the same folder."""
+    _run(synth_voc, tmp_path / "rep", plots=False)
+    assert (tmp_path / "rep" / "thresholds.json").is_file()
+    report = _run(synth_voc, tmp_path / "rep", plots=False, tune_split=None)
+    assert not report["tuning"].get("tuned")
+    assert not (tmp_path / "rep" / "thresholds.json").exists()

@@ -205,7 +205,7 @@ def _make_task(out: Path, fh, offsets: dict, split: str, index: int, keys: list[
 
 
 def _run_tasks(tasks: Iterator[ShardTask], workers: int) -> Iterator[ShardResult]:
-    """Run shard tasks inline (workers <= 1) or in a spawn process pool with a bounded window."""
+    """Run shard tasks inline (workers <= 1) or in a process pool with a bounded window."""
     if workers <= 1:
         yield from (write_shard(t) for t in tasks)
         return
@@ -224,7 +224,7 @@ def _run_tasks(tasks: Iterator[ShardTask], workers: int) -> Iterator[ShardResult
             for future in cf.as_completed(pending):
                 yield future.result()
     except BrokenProcessPool:
-        raise RuntimeError("a shard-writing process died (out of memory?); rerun the same command to resume "
+        raise VgclipError("a shard-writing process died (out of memory?); rerun the same command to resume "
                            "(finished shards are kept), perhaps with fewer --workers") from None
 
 

@@ -41,6 +41,8 @@ def write_outputs(report: dict[str, Any], ev: ScoredSplit, out_dir: Path, plots:
     if report["tuning"].get("tuned"):
         save_thresholds(report["tuning"]["thresholds"], out_dir / "thresholds.json")
         files.append("thresholds.json")
+    else:  # never leave an earlier run's thresholds beside this report for `predict` to pick up
+        (out_dir / "thresholds.json").unlink(missing_ok=True)
     if plots:
         from vgclip.eval.plots import write_plots
 

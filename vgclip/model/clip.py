@@ -99,7 +99,3 @@ def create_model(config: Config | ModelConfig) -> tuple[ClipModel, ImageTransfor
     model, tokenizer = build_model(model_config)
     return model, model.image_transform(train=False), tokenizer
 
-
-def image_transforms(model: ClipModel) -> tuple[ImageTransform, ImageTransform]:
-    """(train, eval) transforms of `model`, for the training loop."""
-    return model.image_transform(train=True), model.image_transform(train=False)

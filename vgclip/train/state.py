@@ -166,9 +166,9 @@ def load_train_state(
         if scaler is not None and scaler.is_enabled() and doc["scaler"]:
             scaler.load_state_dict(doc["scaler"])
         set_rng_state(load_file(str(ckpt / "rng.safetensors")), doc["rng"])
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        return Position(**doc["position"])
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise VgclipError(f"{ckpt}: not a usable training checkpoint ({exc})") from None
-    return Position(**doc["position"])
 
 
 def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -189,7 +189,8 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints (those with state.json), oldest step first."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    found = [p for p in ckpt_root.glob("step-*")
+             if p.name[5:].isdigit() and p.is_dir() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
