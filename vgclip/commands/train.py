@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     elif config_source is None:
         config_source = "offline-small"
     config = load_config(config_source, args.overrides)
+    if args.resume and saved.is_file() and config_source != str(saved):
+        _warn_if_config_changed(load_config(str(saved)), config)
     checkpoints = args.out / "checkpoints"
     if args.resume is None and checkpoints.is_dir() and any(checkpoints.iterdir()):
         if not args.overwrite:
@@ -52,3 +54,22 @@ def run(args: argparse.Namespace) -> int:
     summary = train(config, args.data, args.out, resume=args.resume, voc_root=args.voc_root)
     print(json.dumps(summary, default=str))
     return 0
+
+
+def _warn_if_config_changed(saved, config) -> None:
+    """A resumed run continues exactly only with the settings it started with: name what differs."""
+    import sys
+
+    from vgclip.config import config_to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    before, after = flat(config_to_dict(saved)), flat(config_to_dict(config))
+    changed = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in before if before[k] != after.get(k)]
+    if changed:
+        print("vgclip train: warning: resuming with settings that differ from the run's config.yaml "
+              f"(the run will not match an uninterrupted one): {'; '.join(changed)}", file=sys.stderr)
