@@ -48,11 +48,14 @@ def test_synthetic_voc_is_read_by_the_real_reader(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_with_tiny_towers(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = cli(["demo", "--out", str(out), "--config", "tiny", "--train-images", "48", "--voc-images", "24",
-                "train.epochs=1", "model.image.image_size=64", "data.batch_size=8", "data.num_workers=0"])
+    argv = ["demo", "--out", str(out), "--config", "tiny", "--train-images", "48", "--voc-images", "24",
+            "train.epochs=1", "model.image.image_size=64", "data.batch_size=8", "data.num_workers=0"]
+    code = cli(argv)
     printed = capsys.readouterr().out
 
     assert code == 0, printed
+    # Running the demo again into the same folder starts it afresh instead of refusing.
+    assert cli(argv) == 0, capsys.readouterr()
     report = json.loads((out / "report" / "report.json").read_text())
     # One epoch of tiny random towers learns little; the report must still be complete and consistent.
     assert 0.0 <= report["chance_mean"] < 1.0 and 0.0 <= report["mAP"] <= 1.0

@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     steps = [
         ("synthetic data", ["synth", "--out", str(data), "--train-images", str(args.train_images),
-                            "--voc-images", str(args.voc_images), "--seed", str(args.seed)]),
+                            "--voc-images", str(args.voc_images), "--seed", str(args.seed), "--overwrite"]),
         ("shards", ["prepare", "--vg-root", str(data / "vg"), "--out", str(shards)]),
-        ("training", ["train", "--data", str(shards), "--out", str(run_dir), "--config", args.config,
+        ("training", ["train", "--data", str(shards), "--out", str(run_dir), "--overwrite", "--config", args.config,
                       *DEMO_OVERRIDES, f"train.seed={args.seed}", *args.overrides]),
         ("zero-shot evaluation", ["zeroshot", "--checkpoint", str(run_dir), "--voc-root", str(data / "voc"),
                                   "--split", "test", "--out", str(report)]),
