@@ -163,3 +163,19 @@ def test_module_imports_and_decodes_without_simplejpeg(monkeypatch):
         monkeypatch.undo()
         importlib.reload(decoding)
     assert decoding.simplejpeg is not None or not HAVE_SIMPLEJPEG
+
+
+def test_transparent_png_is_composited_over_white():
+    """Zero-shot and predict read user files through this path: alpha must not turn into black."""
+    import io
+
+    from PIL import Image
+
+    from vgclip.data.decoding import decode_pixels, open_image_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(buf, format="PNG")
+    data = buf.getvalue()
+    with open_image_bytes("clear.png", data) as img:
+        out = decode_pixels("clear.png", img, data, None, draft_size=None, tensor_ok=False)
+    assert out.mode == "RGB" and out.getpixel((5, 5)) == (255, 255, 255)

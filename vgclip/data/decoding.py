@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vgclip.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, BadImageError
+from vgclip.data.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, BadImageError, to_rgb
 from vgclip.data.pairing import Box
 
 try:
@@ -63,9 +63,10 @@ def decode_pixels(key: str, img: Image.Image, data: bytes, crop: Box | None, *, 
     load_pixels(key, img)
     if crop is not None:
         sx, sy = img.size[0] / size[0], img.size[1] / size[1]
-        return img.crop((crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
-    # After load() the pixels are in memory: the caller may close the image's file.
-    return img if img.mode == "RGB" else img.convert("RGB")
+        img = img.crop((crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy))
+    # After load() the pixels are in memory: the caller may close the image's file. to_rgb, not a
+    # plain convert: alpha goes over white and 16-bit grey is scaled, as for images in `prepare`.
+    return img if img.mode == "RGB" else to_rgb(img)
 
 
 def jpeg_scale_eighths(factor: float) -> int:
