@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from vgclip.data import decoding
-from vgclip.data.decoding import decode_pixels, jpeg_scale_eighths, open_image_bytes
+from vgclip.data.decoding import decode_image, decode_pixels, jpeg_scale_eighths, open_image_bytes
 from vgclip.data.images import BadImageError
 from vgclip.data.transforms import build_image_transform
 
@@ -51,8 +51,8 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 
 
 def decode(data: bytes, crop=None, draft_size=None, tensor_ok=True):
-    with open_image_bytes("k", data) as img:
-        return decode_pixels("k", img, data, crop, draft_size=draft_size, tensor_ok=tensor_ok)
+    """What the shard loader does: `decode_image`, with `crop` chosen once the size is known."""
+    return decode_image("k", data, draft_size=draft_size, tensor_ok=tensor_ok, crop_for=lambda size: crop)
 
 
 def reference(data: bytes, crop=None) -> Image.Image:
@@ -148,6 +148,27 @@ def test_header_disagreeing_with_pil_is_not_trusted():
     # The pixel limit was checked on PIL's reading of the header; another size means "don't know".
     assert decoding.decode_jpeg_scaled(data, (20, 15), 0.5) is None
     assert decoding.decode_jpeg_scaled(encode(photo().convert("CMYK")), (200, 150), 0.5) is None
+
+
+@pytest.mark.skipif(not HAVE_SIMPLEJPEG, reason="simplejpeg is not installed")
+def test_jpeg_fast_path_checks_the_pixel_limit_and_picks_the_crop_once(monkeypatch):
+    data = encode(photo())
+    sizes = []
+
+    def crop_for(size):
+        sizes.append(size)
+        return (10, 10, 110, 90)
+
+    # Plain JPEGs never reach PIL: simplejpeg's header gives the size the crop is chosen from.
+    monkeypatch.setattr(decoding, "open_image_bytes", lambda *a: pytest.fail("PIL opened a plain JPEG"))
+    pixels = decode_image("k", data, draft_size=40, tensor_ok=True, crop_for=crop_for)
+    assert sizes == [(200, 150)] and tuple(pixels.shape) == (3, 40, 50)  # 100x80 box at 4/8
+    monkeypatch.undo()
+    # A header claiming a decompression bomb is refused before any decoding.
+    sof = data.index(b"\xff\xc0")
+    bomb = data[: sof + 5] + (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big") + data[sof + 9 :]
+    with pytest.raises(BadImageError, match="bad_size"):
+        decode_image("bomb.jpg", bomb, draft_size=None, tensor_ok=True)
 
 
 def test_module_imports_and_decodes_without_simplejpeg(monkeypatch):

@@ -124,6 +124,19 @@ def test_eval_keeps_last_partial_batch_and_file_order(tmp_path):
     assert image_ids(batches) == list(range(7))
 
 
+def test_uint8_batches_normalise_on_the_device_to_the_same_floats(tmp_path):
+    """`vgclip train` asks for uint8 pixels and normalises after the transfer: same numbers."""
+    write_split(tmp_path, "train", [5])
+    imagenet = build_image_transform(32, train=False)
+    floats = collect(make_loader(tmp_path, "train", cfg(), imagenet, CharTokenizer(), train=False, seed=0))
+    pixels = collect(make_loader(tmp_path, "train", cfg(), imagenet, CharTokenizer(), train=False, seed=0,
+                                 normalize=False))
+    assert [texts for _, texts in pixels] == [texts for _, texts in floats]
+    for (raw, _), (ref, _) in zip(pixels, floats):
+        assert raw.dtype == torch.uint8 and ref.dtype == torch.float32
+        torch.testing.assert_close(imagenet.normalize(raw.to(memory_format=torch.channels_last)), ref)
+
+
 @pytest.mark.parametrize(("workers", "train"), [(0, True), (2, True), (2, False)])
 def test_start_batch_resumes_exactly(tmp_path, workers, train):
     # Uneven shards so that one worker runs out before the other (the rotation changes mid-epoch).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,54 @@ except ImportError:  # pragma: no cover - depends on the installed torchvision
     decode_jpeg = None
 
 
+def decode_image(key: str, data: bytes, *, draft_size: int | None, tensor_ok: bool,
+                 crop_for: Callable[[tuple[int, int]], Box | None] | None = None) -> Image.Image | torch.Tensor:
+    """Decode image bytes from a shard or dataset as cheaply as the transform allows.
+
+    `crop_for(size)` picks the box to keep once the (width, height) is known (None: the whole
+    image). Plain JPEGs go straight to libjpeg-turbo (simplejpeg): its header gives the size, which
+    is checked against the pixel limit before anything is decoded, so PIL's header parse is not
+    paid. Everything else, and any JPEG simplejpeg refuses, is opened with PIL (`open_image_bytes`,
+    which refuses non-image formats and bombs) and decoded by `decode_pixels`. Bad data raises
+    `BadImageError`.
+    """
+    chosen: dict[tuple[int, int], Box | None] = {}
+
+    def crop_of(size: tuple[int, int]) -> Box | None:
+        if size not in chosen:  # at most one draw from the caller's RNG per size
+            chosen[size] = crop_for(size) if crop_for is not None else None
+        return chosen[size]
+
+    size = turbo_jpeg_size(data)
+    if size is not None:
+        width, height = size
+        if width <= 0 or height <= 0 or width * height > DEFAULT_MAX_PIXELS:
+            raise BadImageError(key, "bad_size", f"{width}x{height}")
+        crop = crop_of(size)
+        array = decode_jpeg_scaled(data, size, _scale_factor(size, crop, draft_size))
+        if array is not None:
+            return _crop_array(array, size, crop, tensor_ok)
+    with open_image_bytes(key, data) as img:  # not a plain JPEG, or simplejpeg refused it: PIL decides
+        return decode_pixels(key, img, data, crop_of(img.size), draft_size=draft_size, tensor_ok=tensor_ok)
+
+
+def turbo_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG simplejpeg decodes to RGB as PIL would, else None (PIL's turn)."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+    except (ValueError, RuntimeError, OSError):
+        return None
+    return (width, height) if colourspace in _TURBO_COLOURSPACES else None
+
+
+def _scale_factor(size: tuple[int, int], crop: Box | None, draft_size: int | None) -> float:
+    """How far the decoder may shrink: `draft_size` over the shorter side of the needed box."""
+    short = min(crop[2] - crop[0], crop[3] - crop[1]) if crop else min(size)
+    return draft_size / max(1, short) if draft_size else 1.0
+
+
 def decode_pixels(key: str, img: Image.Image, data: bytes, crop: Box | None, *, draft_size: int | None,
                   tensor_ok: bool) -> Image.Image | torch.Tensor:
     """Decoded pixels of `crop` (or the whole image), as cheaply as the transform allows.
@@ -47,8 +96,7 @@ def decode_pixels(key: str, img: Image.Image, data: bytes, crop: Box | None, *, 
     tensor copy). Anything else, and anything these decoders refuse: PIL.
     """
     size = img.size
-    short = min(crop[2] - crop[0], crop[3] - crop[1]) if crop else min(size)
-    factor = draft_size / max(1, short) if draft_size else 1.0
+    factor = _scale_factor(size, crop, draft_size)
     if img.format == "JPEG" and simplejpeg is not None:
         array = decode_jpeg_scaled(data, size, factor)
         if array is not None:

@@ -32,12 +32,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from vgclip.config import DataConfig
-from vgclip.data.decoding import decode_pixels, open_image_bytes
+from vgclip.data.decoding import decode_image
 from vgclip.data.images import BadImageError
-from vgclip.data.pairing import Pairing, choose_pair, metadata_problem, mirror_text, parse_pairing, stable_seed
+from vgclip.data.pairing import Box, Pairing, choose_pair, metadata_problem, mirror_text, parse_pairing, stable_seed
+from vgclip.data.tar_reader import iter_tar_samples
 from vgclip.errors import ConfigError, VgclipError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     start_batch: int = 0,
+    normalize: bool = True,
 ) -> ShardLoader:
     """One epoch of `(images [B,3,S,S], tokens {name: [B,L]})` batches for this rank.
 
@@ -97,6 +98,8 @@ def make_loader(
     shuffles (seeded) and drops each worker's last partial batch; evaluation keeps file order and
     every sample. `start_batch` resumes the epoch: the result yields exactly the batches
     `start_batch, start_batch + 1, ...` of a fresh loader with the same arguments.
+    With `normalize=False` and an `ImageTransform`, images stay uint8 pixels: the caller moves
+    them to its device and applies `image_transform.normalize` there.
     """
     pairing = parse_pairing(data_cfg.pairing)
     _check_args(data_cfg, rank, world_size, start_batch)
@@ -121,7 +124,7 @@ def make_loader(
     # One DataLoader per epoch (its order depends on the epoch), so workers are not persistent.
     loader = DataLoader(
         dataset, batch_size=data_cfg.batch_size, drop_last=train,
-        collate_fn=_Collate(tokenizer, _split_transform(image_transform)[1]),
+        collate_fn=_Collate(tokenizer, _split_transform(image_transform)[1] if normalize else None),
         num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
     )
     return ShardLoader(loader, counts)
@@ -201,10 +204,16 @@ class _ShardStream(IterableDataset):
 
     def _example(self, key: str, data: bytes, meta: dict[str, Any]) -> tuple[torch.Tensor, str]:
         rng = random.Random(stable_seed("pair", self.seed, self.epoch, key))
-        with open_image_bytes(key, data) as img:
-            text, crop = choose_pair(meta, self.pairing, rng, image_size=img.size,
+        pair: list[str] = []
+
+        def crop_for(size: tuple[int, int]) -> Box | None:  # the pair needs the image size (region crops)
+            text, crop = choose_pair(meta, self.pairing, rng, image_size=size,
                                      margin=self.cfg.region_margin, min_size=self.cfg.region_min_size)
-            image = decode_pixels(key, img, data, crop, draft_size=self.draft_size, tensor_ok=self.tensor_input)
+            pair[:] = [text]
+            return crop
+
+        image = decode_image(key, data, draft_size=self.draft_size, tensor_ok=self.tensor_input, crop_for=crop_for)
+        text = pair[0]
         if not self.train:
             return self.per_sample(image), text
         # Augmentation seeded per (seed, epoch, image): a resumed epoch sees the same crops,
@@ -219,19 +228,21 @@ class _ShardStream(IterableDataset):
 
 
 def raw_samples(shards: list[Path], skip: Callable[..., None]) -> Iterator[RawSample]:
-    """(key, jpg bytes, parsed JSON, shard) of the usable samples of `shards`; others go to `skip`."""
+    """(key, jpg bytes, parsed JSON, shard) of the usable samples of `shards`; others go to `skip`.
 
-    def on_error(exc: Exception) -> bool:
-        skip("bad_tar", "-", "-", f"{type(exc).__name__}: {str(exc)[:300]}")
-        return True  # go on with the next member / shard
-
-    for sample in wds.tarfile_samples(({"url": str(p)} for p in shards), handler=on_error):
-        key, url = sample["__key__"], sample["__url__"]
-        reason, meta = _sample_problem(sample)
-        if reason is None:
-            yield key, sample["jpg"], meta, url
-        else:
-            skip(reason, key, url)
+    A damaged shard counts one `bad_tar` and gives the samples before the damage.
+    """
+    for path in shards:
+        url = str(path)
+        try:
+            for key, parts in iter_tar_samples(path):
+                reason, meta = _sample_problem(parts)
+                if reason is None:
+                    yield key, parts["jpg"], meta, url
+                else:
+                    skip(reason, key, url)
+        except (OSError, tarfile.TarError) as exc:
+            skip("bad_tar", "-", url, f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 def _sample_problem(sample: dict[str, Any]) -> tuple[str | None, Any]:
@@ -331,25 +342,10 @@ def round_robin(batches: list[int], first: int) -> tuple[list[int], int]:
 
 def _scan_shard(path: Path, *, check_json: bool) -> int:
     """Samples in one shard from its tar headers (and JSON, if `check_json`), as `raw_samples` sees them."""
-    count, key, parts = 0, None, {}
-
-    def usable() -> bool:
-        if key is None:
-            return False
-        return _sample_problem(parts)[0] is None if check_json else {"jpg", "json"} <= parts.keys()
-
+    count = 0
     try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                prefix, suffix = base_plus_ext(member.name)
-                if not member.isreg() or prefix is None:
-                    continue
-                if prefix != key:
-                    count += usable()
-                    key, parts = prefix, {}
-                suffix = suffix.lower()
-                parts[suffix] = tar.extractfile(member).read() if suffix == "json" and check_json else b""
+        for _key, parts in iter_tar_samples(path, wanted=lambda suffix: check_json and suffix == "json"):
+            count += _sample_problem(parts)[0] is None if check_json else {"jpg", "json"} <= parts.keys()
     except (OSError, tarfile.TarError) as exc:
         logger.warning("%s: unreadable tar (%s); counting the samples before the damage", path, exc)
-        return count
-    return count + usable()
+    return count

@@ -20,7 +20,7 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 from PIL import Image
 
-from vgclip.data.decoding import decode_pixels, open_image_bytes
+from vgclip.data.decoding import decode_image
 from vgclip.errors import VgclipError
 
 log = logging.getLogger(__name__)
@@ -319,9 +319,7 @@ class ImageListDataset(torch.utils.data.Dataset):
             data = path.read_bytes()
             if not data:
                 raise VgclipError(f"{path}: empty file")
-            with open_image_bytes(str(path), data) as img:
-                pixels = decode_pixels(str(path), img, data, None, draft_size=self.draft_size,
-                                       tensor_ok=self.tensor_ok)
+            pixels = decode_image(str(path), data, draft_size=self.draft_size, tensor_ok=self.tensor_ok)
             return index, self.transform(pixels), ""
         except VgclipError as exc:
             return index, None, str(exc)

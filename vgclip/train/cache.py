@@ -77,7 +77,7 @@ def fingerprint(visual: nn.Module, shards: list[Path], eval_transform_repr: str)
 def compute_features(visual: nn.Module, shards: list[Path], transform, device: torch.device,
                      batch_size: int = 64) -> tuple[torch.Tensor, list[str], list[dict]]:
     """Pooled features of every usable training image, with its key and metadata (row order)."""
-    from vgclip.data.decoding import decode_pixels, open_image_bytes
+    from vgclip.data.decoding import decode_image
     from vgclip.data.images import BadImageError
     from vgclip.data.loader import raw_samples
 
@@ -96,8 +96,7 @@ def compute_features(visual: nn.Module, shards: list[Path], transform, device: t
     visual.eval()
     for key, jpg, meta, _url in raw_samples(shards, lambda *a: None):  # the loader counts and logs skips
         try:
-            with open_image_bytes(key, jpg) as img:
-                pending.append(transform(decode_pixels(key, img, jpg, None, draft_size=draft, tensor_ok=tensor_ok)))
+            pending.append(transform(decode_image(key, jpg, draft_size=draft, tensor_ok=tensor_ok)))
         except (BadImageError, OSError, ValueError, RuntimeError):
             continue  # the same images the loader skips as bad_image
         keys.append(key)

@@ -186,9 +186,10 @@ def _batches(run: _Run, epoch: int) -> Iterator:
         return run.feature_cache.batches(epoch=epoch, start_batch=start)
     from vgclip.data.loader import make_loader
 
+    # uint8 pixels travel to the device (a quarter of the bytes) and are normalised there (_to_device).
     loader = make_loader(run.data_dir, "train", run.config.data, run.train_tf, run.tokenizer, train=True,
                          seed=run.config.train.seed, epoch=epoch, rank=run.info.rank,
-                         world_size=run.info.world_size, start_batch=start)
+                         world_size=run.info.world_size, start_batch=start, normalize=False)
     # torch's DataLoader draws a base seed from the global RNG when an iterator starts. A resumed run
     # starts its iterator after restoring the RNG, a straight run before: keep the draw out of the
     # global stream so both continue identically (the loader seeds its own augmentation).
@@ -200,6 +201,8 @@ def _to_device(run: _Run, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     images, tokens = batch
     fmt = torch.channels_last if run.config.train.channels_last and images.ndim == 4 else torch.contiguous_format
     images = images.to(run.info.device, non_blocking=True, memory_format=fmt)
+    if images.dtype == torch.uint8:  # loader pixels, not cached features: normalise on the device
+        images = run.train_tf.normalize(images)
     return images, {k: v.to(run.info.device, non_blocking=True) for k, v in tokens.items()}
 
 
