@@ -7,7 +7,7 @@ clip + optimizer step. Then with the image tower locked: vgclip's cached-feature
 cache: the tower never runs) vs open_clip's lock_image_tower() (the frozen tower still runs
 forward every step).
 
-    python benchmarks/bench_train.py [--steps 5] [--batch 32] [--device cpu]
+    python benchmarks/bench_train.py [--steps 3] [--rounds 2] [--batch 32] [--device cpu]
 
 Prints one JSON line: samples/s of each side and the ratios (vgclip / open_clip).
 """
@@ -33,24 +33,27 @@ def _batches(n: int, batch: int, size: int, tokenizer, device) -> list:
     return out
 
 
-def _interleaved_rates(steps: dict, batches, warmup: int = 2) -> dict[str, float]:
-    """Samples per second of each step function, timed in turns (A, B, C, A, B, C, ...).
+def _interleaved_rates(steps: dict, batches, rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Samples per second of each step function, timed in blocks taken in turns (A, B, C, A, B, C, ...).
 
-    Taking turns spreads any drift in machine load (other jobs, clock boost) evenly over the sides.
+    Each block runs `warmup` untimed steps, then times one pass over `batches`: a side is measured
+    in its steady state, as in a real run of consecutive steps (one step of a large model right
+    before would otherwise leave a small one with cold caches and freed memory to fault back
+    in), while taking turns spreads drift in machine load (other jobs, clock boost) over the sides.
     """
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for step in steps.values():
-        for images, tokens in batches[:warmup]:
-            step(images, tokens)
     seconds = dict.fromkeys(steps, 0.0)
-    for images, tokens in batches[warmup:]:
+    for _ in range(rounds):
         for name, step in steps.items():
+            for images, tokens in batches[:warmup]:
+                step(images, tokens)
             sync()
             start = time.perf_counter()
-            step(images, tokens)
+            for images, tokens in batches:
+                step(images, tokens)
             sync()
             seconds[name] += time.perf_counter() - start
-    samples = sum(len(b[0]) for b in batches[warmup:])
+    samples = rounds * sum(len(b[0]) for b in batches)
     return {name: samples / t for name, t in seconds.items()}
 
 
@@ -62,6 +65,7 @@ def vgclip_step(config, batches, device, locked: bool):
     from vgclip.model.clip import create_model
     from vgclip.model.loss import ClipLoss
     from vgclip.train.cache import CachedImageClip
+    from vgclip.train.grads import clip_gradients, keep_embedding_grads, zero_grads
     from vgclip.train.optim import build_optimizer
     from vgclip.train.step import forward_backward
 
@@ -70,6 +74,7 @@ def vgclip_step(config, batches, device, locked: bool):
     fmt = torch.channels_last if config.train.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     opt, loss_fn = build_optimizer(model, config.train), ClipLoss()  # vgclip's own (fused AdamW)
+    keep_embedding_grads(model)  # as `vgclip train` on one device: sparse vocabulary gradients
     if locked:  # features computed once, outside the timed loop, as the LiT cache does
         with torch.no_grad():
             cache = {id(b[0]): model.visual(b[0]) for b in batches}
@@ -80,9 +85,9 @@ def vgclip_step(config, batches, device, locked: bool):
     def step(images, tokens):
         inputs = cache[id(images)] if locked else images.contiguous(memory_format=fmt)
         forward_backward(runner, loss_fn, [(inputs, tokens)], autocast=contextlib.nullcontext)
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        clip_gradients(opt, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        zero_grads(opt)
 
     return step
 
@@ -119,7 +124,8 @@ def open_clip_step(text_folder: str, device, locked: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (plus 2 warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round (plus 1 warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="turns each side takes")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -134,16 +140,16 @@ def main() -> None:
     from vgclip.model.clip import create_model
 
     tokenizer = create_model(config.model)[2]
-    batches = _batches(args.steps + 2, args.batch, 224, tokenizer, device)
+    batches = _batches(args.steps, args.batch, 224, tokenizer, device)
     folder = resolve_text_source(config.model.text.name)
     result = {"device": str(device), "batch": args.batch, "image_size": 224, "precision": "fp32",
-              "steps": args.steps}
+              "steps": args.steps, "rounds": args.rounds}
     rates = _interleaved_rates({
         "vgclip_samples_per_s": vgclip_step(config, batches, device, locked=False),
         "open_clip_samples_per_s": open_clip_step(folder, device, locked=False),
         "vgclip_locked_cached_samples_per_s": vgclip_step(locked_config, batches, device, locked=True),
         "open_clip_locked_samples_per_s": open_clip_step(folder, device, locked=True),
-    }, batches)
+    }, batches, args.rounds)
     result.update(rates)
     result["ratio"] = rates["vgclip_samples_per_s"] / rates["open_clip_samples_per_s"]
     result["locked_ratio"] = rates["vgclip_locked_cached_samples_per_s"] / rates["open_clip_locked_samples_per_s"]

@@ -30,6 +30,7 @@ from vgclip.train import distributed as D
 from vgclip.train import state as S
 from vgclip.train.evaluate import validate
 from vgclip.train.logging import MetricsLogger
+from vgclip.train.grads import clip_gradients, keep_embedding_grads, zero_grads
 from vgclip.train.optim import build_optimizer, build_scheduler
 from vgclip.train.step import forward_backward
 
@@ -165,6 +166,8 @@ def _setup(config: Config, info: D.DistInfo, data_dir: Path, run_dir: Path, resu
         from vgclip.train.cache import CachedImageClip
 
         module = CachedImageClip(raw)  # same parameters, image tower replaced by the cache
+    if not info.distributed and not cfg.compile:
+        keep_embedding_grads(raw)  # sparse vocabulary gradients (see vgclip/train/grads.py)
     run.model = D.wrap_model(module, info)
     if cfg.compile:
         run.model = torch.compile(run.model)
@@ -252,17 +255,16 @@ def _optimizer_step(run: _Run, group) -> tuple[float, float]:
     grad_norm = math.nan
     if math.isfinite(loss):
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
-        params = [p for g in run.optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        grad_norm = clip_gradients(run.optimizer, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         # fp16: GradScaler skips steps with inf gradients itself (and lowers its scale): not a bad step.
         if math.isfinite(grad_norm) or run.scaler.is_enabled():
             run.scaler.step(run.optimizer)
             run.scaler.update()
             run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            zero_grads(run.optimizer)
             run.pos.step += 1
             return loss, grad_norm
-    run.optimizer.zero_grad(set_to_none=True)
+    zero_grads(run.optimizer)
     _bad_step(run, loss, grad_norm)
     return math.nan, grad_norm
 
