@@ -7,7 +7,7 @@ clip + optimizer step. Then with the image tower locked: vgclip's cached-feature
 cache: the tower never runs) vs open_clip's lock_image_tower() (the frozen tower still runs
 forward every step).
 
-    python benchmarks/bench_train.py [--steps 3] [--rounds 2] [--batch 32] [--device cpu]
+    python benchmarks/bench_train.py [--steps 3] [--locked-steps 8] [--rounds 2] [--batch 32] [--device cpu]
 
 Prints one JSON line: samples/s of each side and the ratios (vgclip / open_clip).
 """
@@ -125,6 +125,8 @@ def open_clip_step(text_folder: str, device, locked: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round (plus 1 warm-up)")
+    parser.add_argument("--locked-steps", type=int, default=8,
+                        help="the same for the locked-image pair, whose steps are much shorter")
     parser.add_argument("--rounds", type=int, default=2, help="turns each side takes")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,16 +142,18 @@ def main() -> None:
     from vgclip.model.clip import create_model
 
     tokenizer = create_model(config.model)[2]
-    batches = _batches(args.steps, args.batch, 224, tokenizer, device)
+    batches = _batches(max(args.steps, args.locked_steps), args.batch, 224, tokenizer, device)
     folder = resolve_text_source(config.model.text.name)
     result = {"device": str(device), "batch": args.batch, "image_size": 224, "precision": "fp32",
-              "steps": args.steps, "rounds": args.rounds}
+              "steps": args.steps, "locked_steps": args.locked_steps, "rounds": args.rounds}
     rates = _interleaved_rates({
         "vgclip_samples_per_s": vgclip_step(config, batches, device, locked=False),
         "open_clip_samples_per_s": open_clip_step(folder, device, locked=False),
+    }, batches[: args.steps], args.rounds)
+    rates.update(_interleaved_rates({
         "vgclip_locked_cached_samples_per_s": vgclip_step(locked_config, batches, device, locked=True),
         "open_clip_locked_samples_per_s": open_clip_step(folder, device, locked=True),
-    }, batches, args.rounds)
+    }, batches[: args.locked_steps], args.rounds))
     result.update(rates)
     result["ratio"] = rates["vgclip_samples_per_s"] / rates["open_clip_samples_per_s"]
     result["locked_ratio"] = rates["vgclip_locked_cached_samples_per_s"] / rates["open_clip_locked_samples_per_s"]
