@@ -7,6 +7,12 @@ clip + optimizer step. Then with the image tower locked: vgclip's cached-feature
 cache: the tower never runs) vs open_clip's lock_image_tower() (the frozen tower still runs
 forward every step).
 
+Each side runs in its own Python process, as a training run does: sharing one process lets one
+side's allocations change the C allocator's state (glibc's mmap threshold) for the other, which
+moved open_clip's locked step between 12 and 32 samples/s depending on what ran before it.
+Processes take turns (A, B, C, D, A, B, ...) so drift in machine load is spread over the sides;
+inside a process, warm-up steps run before the timed ones.
+
     python benchmarks/bench_train.py [--steps 3] [--locked-steps 8] [--rounds 2] [--batch 32] [--device cpu]
 
 Prints one JSON line: samples/s of each side and the ratios (vgclip / open_clip).
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -33,28 +41,17 @@ def _batches(n: int, batch: int, size: int, tokenizer, device) -> list:
     return out
 
 
-def _interleaved_rates(steps: dict, batches, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Samples per second of each step function, timed in blocks taken in turns (A, B, C, A, B, C, ...).
-
-    Each block runs `warmup` untimed steps, then times one pass over `batches`: a side is measured
-    in its steady state, as in a real run of consecutive steps (one step of a large model right
-    before would otherwise leave a small one with cold caches and freed memory to fault back
-    in), while taking turns spreads drift in machine load (other jobs, clock boost) over the sides.
-    """
+def _time_steps(step, batches, warmup: int) -> float:
+    """Seconds for one pass of `step` over `batches`, after `warmup` untimed steps."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    seconds = dict.fromkeys(steps, 0.0)
-    for _ in range(rounds):
-        for name, step in steps.items():
-            for images, tokens in batches[:warmup]:
-                step(images, tokens)
-            sync()
-            start = time.perf_counter()
-            for images, tokens in batches:
-                step(images, tokens)
-            sync()
-            seconds[name] += time.perf_counter() - start
-    samples = rounds * sum(len(b[0]) for b in batches)
-    return {name: samples / t for name, t in seconds.items()}
+    for images, tokens in batches[:warmup]:
+        step(images, tokens)
+    sync()
+    start = time.perf_counter()
+    for images, tokens in batches:
+        step(images, tokens)
+    sync()
+    return time.perf_counter() - start
 
 
 def _optimizer(model):
@@ -122,41 +119,66 @@ def open_clip_step(text_folder: str, device, locked: bool):
     return step
 
 
+SIDES = {  # name -> (framework, image tower locked)
+    "vgclip": ("vgclip", False),
+    "open_clip": ("open_clip", False),
+    "vgclip_locked_cached": ("vgclip", True),
+    "open_clip_locked": ("open_clip", True),
+}
+
+
+def run_side(side: str, steps: int, warmup: int, batch: int, device: torch.device) -> dict:
+    """Build one side's model and step in this process and time it: {"seconds", "samples"}."""
+    from vgclip.config import load_config
+    from vgclip.model.clip import create_model
+    from vgclip.model.text_tower import resolve_text_source
+
+    framework, locked = SIDES[side]
+    torch.manual_seed(0)
+    overrides = ["model.image.weights=none"] + (["model.image.lock=true"] if locked else [])  # speed only
+    config = load_config("offline-small", overrides)
+    tokenizer = create_model(config.model)[2]
+    batches = _batches(max(steps, warmup), batch, 224, tokenizer, device)[:steps]
+    if framework == "vgclip":
+        step = vgclip_step(config, batches, device, locked=locked)
+    else:
+        step = open_clip_step(resolve_text_source(config.model.text.name), device, locked=locked)
+    seconds = _time_steps(step, batches, warmup)
+    return {"side": side, "seconds": seconds, "samples": sum(len(b[0]) for b in batches)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round (plus 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
     parser.add_argument("--locked-steps", type=int, default=8,
                         help="the same for the locked-image pair, whose steps are much shorter")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     parser.add_argument("--rounds", type=int, default=2, help="turns each side takes")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # one side, in a child process
     args = parser.parse_args()
+    if args.side:
+        steps = args.locked_steps if SIDES[args.side][1] else args.steps
+        print(json.dumps(run_side(args.side, steps, args.warmup, args.batch, torch.device(args.device))))
+        return
 
-    from vgclip.config import load_config
-    from vgclip.model.text_tower import resolve_text_source
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    config = load_config("offline-small", ["model.image.weights=none"])  # random init: speed only
-    locked_config = load_config("offline-small", ["model.image.weights=none", "model.image.lock=true"])
-    from vgclip.model.clip import create_model
-
-    tokenizer = create_model(config.model)[2]
-    batches = _batches(max(args.steps, args.locked_steps), args.batch, 224, tokenizer, device)
-    folder = resolve_text_source(config.model.text.name)
-    result = {"device": str(device), "batch": args.batch, "image_size": 224, "precision": "fp32",
-              "steps": args.steps, "locked_steps": args.locked_steps, "rounds": args.rounds}
-    rates = _interleaved_rates({
-        "vgclip_samples_per_s": vgclip_step(config, batches, device, locked=False),
-        "open_clip_samples_per_s": open_clip_step(folder, device, locked=False),
-    }, batches[: args.steps], args.rounds)
-    rates.update(_interleaved_rates({
-        "vgclip_locked_cached_samples_per_s": vgclip_step(locked_config, batches, device, locked=True),
-        "open_clip_locked_samples_per_s": open_clip_step(folder, device, locked=True),
-    }, batches[: args.locked_steps], args.rounds))
-    result.update(rates)
+    seconds, samples = dict.fromkeys(SIDES, 0.0), dict.fromkeys(SIDES, 0)
+    for _ in range(args.rounds):
+        for side in SIDES:
+            cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--locked-steps", str(args.locked_steps), "--batch", str(args.batch), "--device", args.device]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            child = json.loads(done.stdout.strip().splitlines()[-1])
+            seconds[side] += child["seconds"]
+            samples[side] += child["samples"]
+    rates = {f"{side}_samples_per_s": samples[side] / seconds[side] for side in SIDES}
+    result = {"device": args.device, "batch": args.batch, "image_size": 224, "precision": "fp32",
+              "steps": args.steps, "locked_steps": args.locked_steps, "warmup": args.warmup, "rounds": args.rounds,
+              "process_per_side": True, **rates}
     result["ratio"] = rates["vgclip_samples_per_s"] / rates["open_clip_samples_per_s"]
     result["locked_ratio"] = rates["vgclip_locked_cached_samples_per_s"] / rates["open_clip_locked_samples_per_s"]
+    result["target_ratio"], result["target_locked_ratio"] = 1.0, 10.0
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
 
 

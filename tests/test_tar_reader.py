@@ -95,3 +95,18 @@ def test_corrupt_header_and_non_tar_raise_read_error(tmp_path):
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
     assert list(iter_tar_files(empty)) == []
+
+
+def test_negative_base256_size_is_damage_not_a_hang(tmp_path):
+    path = write_tar(tmp_path / "s.tar", {"a.jpg": b"1" * 10, "a.json": b"{}"}, extras=False)
+    data = bytearray(path.read_bytes())
+    header = data[:512]
+    header[124:136] = b"\xff" * 10 + (-512).to_bytes(2, "big", signed=True)  # GNU base-256: -512
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    data[:512] = header
+    bad = tmp_path / "neg.tar"
+    bad.write_bytes(bytes(data))
+    for wanted in (None, lambda suffix: False):  # read, and seeked over (as the resume scan does)
+        with pytest.raises(tarfile.ReadError, match="negative"):
+            list(iter_tar_samples(bad, wanted))

@@ -69,6 +69,8 @@ def iter_tar_files(path: str | Path, wanted: Callable[[str], bool] | None = None
             _check_header(path, stream.tell() - BLOCK, header)
             size, kind = _number(path, header[124:136]), header[156:157]
             name = long_name or _ustar_name(header)
+            if size < 0:  # base-256 allows it; seeking back would loop over the same header forever
+                raise tarfile.ReadError(f"{path}: member {name} has a negative size")
             if stream.tell() + size > file_size:
                 raise tarfile.ReadError(f"{path}: member {name} truncated")
             if kind in _REGULAR and wanted is not None and not wanted(name):

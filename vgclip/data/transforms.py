@@ -84,9 +84,10 @@ class ImageTransform:
         The training loop calls this after moving a batch of uint8 pixels to its device (a quarter
         of the bytes to copy; on a GPU the arithmetic is free), as timm's prefetching loader does.
         """
-        if self._scale.device != pixels.device:
-            self._scale, self._shift = self._scale.to(pixels.device), self._shift.to(pixels.device)
-        return pixels.float().mul_(self._scale).add_(self._shift)
+        # Copied to the device per call (a few bytes), not cached on self: the transform is pickled
+        # into loader workers, which must not receive CUDA tensors.
+        scale, shift = self._scale.to(pixels.device), self._shift.to(pixels.device)
+        return pixels.float().mul_(scale).add_(shift)
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"
