@@ -138,7 +138,7 @@ def run_side(side: str, steps: int, warmup: int, batch: int, device: torch.devic
     overrides = ["model.image.weights=none"] + (["model.image.lock=true"] if locked else [])  # speed only
     config = load_config("offline-small", overrides)
     tokenizer = create_model(config.model)[2]
-    batches = _batches(max(steps, warmup), batch, 224, tokenizer, device)[:steps]
+    batches = _batches(steps, batch, 224, tokenizer, device)  # warm-up steps reuse the first ones
     if framework == "vgclip":
         step = vgclip_step(config, batches, device, locked=locked)
     else:
@@ -168,7 +168,9 @@ def main() -> None:
         for side in SIDES:
             cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--locked-steps", str(args.locked_steps), "--batch", str(args.batch), "--device", args.device]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench_train: the {side} side failed:\n{done.stderr[-3000:]}")
             child = json.loads(done.stdout.strip().splitlines()[-1])
             seconds[side] += child["seconds"]
             samples[side] += child["samples"]
