@@ -1,16 +1,19 @@
 """Loader throughput beside a bare Pillow decode of the same JPEGs, in one run.
 
 Writes ~300 photo-like JPEG samples (512 px longer side) as shards in the docs/design.md format, then
-times, with one process (num_workers=0):
-  raw:    Image.open + convert("RGB") + load of each JPEG (what a PIL loader pays before any transform)
-  loader: make_loader over the shards (tar read + JSON + decode + eval transform, 224 by default + tokenise + collate);
-          it decodes JPEGs with simplejpeg (libjpeg-turbo) at the smallest M/8 DCT scale that
-          still covers the transform's size, M <= 5 else 8 (without simplejpeg: torchvision's
-          decoder, or PIL draft when the image is at least twice the size the transform needs);
-          "jpeg_decoder" says which
-and prints one JSON line with both rates (samples/s) and loader/raw (target >= 0.8). When simplejpeg
-is installed, the loader is also timed as if it were not ("fallback_*": torchvision / PIL draft decodes).
-Rounds alternate between them and the median of the paired ratios is reported (the machine may be shared).
+times, with one process (num_workers=0, one torch thread: what one DataLoader worker does):
+  loader: make_loader over the shards (tar read + JSON + decode + eval transform, 224 by default +
+          tokenise + collate) yielding uint8 batches, as `vgclip train` asks for (it normalises on
+          its device). JPEGs are decoded with simplejpeg (libjpeg-turbo) at the smallest M/8 DCT
+          scale that still covers the transform's size, M <= 5 else 8 (without simplejpeg:
+          torchvision's decoder, or PIL draft when the image is at least twice the size the
+          transform needs); "jpeg_decoder" says which
+  raw:    Image.open + convert("RGB") + load of the same JPEGs (what a PIL loader pays before any
+          transform), decoded right after each loader batch so a slow spell on a shared machine hits
+          both sides
+and prints one JSON line with both rates (samples/s) and raw time / loader time (target >= 0.8): the
+median over rounds. Also reported: the ratio with float batches normalised in the worker
+(make_loader's default) and, when simplejpeg is installed, as if it were not ("fallback_ratio").
 """
 
 from __future__ import annotations
