@@ -59,11 +59,12 @@ def decode_image(key: str, data: bytes, *, draft_size: int | None, tensor_ok: bo
         if width <= 0 or height <= 0 or width * height > DEFAULT_MAX_PIXELS:
             raise BadImageError(key, "bad_size", f"{width}x{height}")
         crop = crop_of(size)
-        array = decode_jpeg_scaled(data, size, _scale_factor(size, crop, draft_size))
+        array = _turbo_decode(data, size, _scale_factor(size, crop, draft_size))
         if array is not None:
             return _crop_array(array, size, crop, tensor_ok)
     with open_image_bytes(key, data) as img:  # not a plain JPEG, or simplejpeg refused it: PIL decides
-        return decode_pixels(key, img, data, crop_of(img.size), draft_size=draft_size, tensor_ok=tensor_ok)
+        return decode_pixels(key, img, data, crop_of(img.size), draft_size=draft_size, tensor_ok=tensor_ok,
+                             turbo=False)
 
 
 def turbo_jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -84,7 +85,7 @@ def _scale_factor(size: tuple[int, int], crop: Box | None, draft_size: int | Non
 
 
 def decode_pixels(key: str, img: Image.Image, data: bytes, crop: Box | None, *, draft_size: int | None,
-                  tensor_ok: bool) -> Image.Image | torch.Tensor:
+                  tensor_ok: bool, turbo: bool = True) -> Image.Image | torch.Tensor:
     """Decoded pixels of `crop` (or the whole image), as cheaply as the transform allows.
 
     JPEGs much larger than the transform needs are decoded at 1/2, 1/4 or 1/8 scale (PIL draft,
@@ -93,11 +94,12 @@ def decode_pixels(key: str, img: Image.Image, data: bytes, crop: Box | None, *, 
     on its shorter side, into a channels-last array the resize reads without a copy (the entropy
     decoding costs the same at any scale). Otherwise, if the transform takes
     uint8 tensors, torchvision's libjpeg-turbo decoder writes straight into a tensor (no PIL ->
-    tensor copy). Anything else, and anything these decoders refuse: PIL.
+    tensor copy). Anything else, and anything these decoders refuse: PIL. `turbo=False` skips
+    simplejpeg (`decode_image` has already tried it).
     """
     size = img.size
     factor = _scale_factor(size, crop, draft_size)
-    if img.format == "JPEG" and simplejpeg is not None:
+    if turbo and img.format == "JPEG" and simplejpeg is not None:
         array = decode_jpeg_scaled(data, size, factor)
         if array is not None:
             return _crop_array(array, size, crop, tensor_ok)
@@ -136,18 +138,19 @@ def decode_jpeg_scaled(data: bytes, size: tuple[int, int], factor: float) -> np.
     model is not one it converts like PIL, or its header disagrees with the `size` PIL read: the
     pixel limit was checked on PIL's header, so a file whose two parsers disagree is not trusted.
     """
+    return _turbo_decode(data, size, factor) if turbo_jpeg_size(data) == size else None
+
+
+def _turbo_decode(data: bytes, size: tuple[int, int], factor: float) -> np.ndarray | None:
+    """simplejpeg's decode at `jpeg_scale_eighths(factor)` of a JPEG whose header said `size`; None if refused."""
     width, height = size
     eighths = jpeg_scale_eighths(factor)
+    # libjpeg-turbo's scaled size is ceil(side * M / 8); simplejpeg picks the smallest scale whose
+    # output is at least this large, i.e. M/8 (or a smaller M giving the same pixels).
+    want_w, want_h = math.ceil(width * eighths / 8), math.ceil(height * eighths / 8)
     try:
-        head_h, head_w, colourspace, _ = simplejpeg.decode_jpeg_header(data)
-        if (head_w, head_h) != size or colourspace not in _TURBO_COLOURSPACES:
-            return None
-        # libjpeg-turbo's scaled size is ceil(side * M / 8); simplejpeg picks the smallest scale
-        # whose output is at least this large, i.e. M/8 (or a smaller M giving the same pixels).
-        want_w, want_h = math.ceil(width * eighths / 8), math.ceil(height * eighths / 8)
         # strict: recoverable errors (truncated scans, corrupt markers) raise instead of grey rows.
-        array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=want_h, min_width=want_w,
-                                       strict=True)
+        array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=want_h, min_width=want_w, strict=True)
     except (ValueError, RuntimeError, OSError):
         return None
     if array.shape != (want_h, want_w, 3):  # a scale we did not ask for: do not guess the geometry

@@ -48,22 +48,26 @@ def plot_threshold_curve(ev: ScoredSplit, report: dict[str, Any], path: Path) ->
     _save(fig, path)
 
 
-def _class_grid(n: int) -> tuple[Figure, list[Any]]:
+def _class_panels(ev: ScoredSplit) -> tuple[Figure, list[tuple[str, Any, np.ndarray, np.ndarray]]]:
+    """A grid of axes, one per class, each with that class's (name, axes, labels, scores) over the
+    images whose label counts for it (not "difficult only")."""
+    n = len(ev.data.classes)
     cols = min(5, n)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(3 * cols, 2.8 * rows))
-    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    panels = []
+    for c, name in enumerate(ev.data.classes):
+        keep = ev.valid[:, c]
+        panels.append((name, fig.add_subplot(rows, cols, c + 1), ev.data.labels[keep, c], ev.ranking[keep, c]))
+    return fig, panels
 
 
 def plot_pr_curves(ev: ScoredSplit, report: dict[str, Any], path: Path) -> None:
     """One precision-recall curve per class, with its AP and the chance level (prevalence)."""
-    classes = ev.data.classes
-    fig, axes = _class_grid(len(classes))
-    for c, (name, ax) in enumerate(zip(classes, axes)):
-        keep = ev.valid[:, c]
-        y = ev.data.labels[keep, c]
+    fig, panels = _class_panels(ev)
+    for name, ax, y, scores in panels:
         if y.sum() > 0:
-            precision, recall, _ = precision_recall_curve(y, ev.ranking[keep, c])
+            precision, recall, _ = precision_recall_curve(y, scores)
             ax.step(recall, precision, where="post")
             ax.axhline(report["chance"][name], color="grey", ls=":", lw=0.8)
         ax.set_title(f"{name} AP={_fmt(report['AP'][name])}", fontsize=9)
@@ -76,13 +80,10 @@ def plot_pr_curves(ev: ScoredSplit, report: dict[str, Any], path: Path) -> None:
 
 def plot_roc_curves(ev: ScoredSplit, report: dict[str, Any], path: Path) -> None:
     """One ROC curve per class, with its AUC."""
-    classes = ev.data.classes
-    fig, axes = _class_grid(len(classes))
-    for c, (name, ax) in enumerate(zip(classes, axes)):
-        keep = ev.valid[:, c]
-        y = ev.data.labels[keep, c]
+    fig, panels = _class_panels(ev)
+    for name, ax, y, scores in panels:
         if 0 < y.sum() < len(y):
-            fpr, tpr, _ = roc_curve(y, ev.ranking[keep, c])
+            fpr, tpr, _ = roc_curve(y, scores)
             ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=0.8)
         ax.set_title(f"{name} AUC={_fmt(report['roc_auc'][name])}", fontsize=9)

@@ -50,14 +50,16 @@ def _record_rows(weight: nn.Parameter):
     return hook
 
 
-def _written_rows(param: torch.Tensor) -> torch.Tensor | None:
-    """Rows of a kept embedding buffer written since the last zeroing; None for ordinary parameters."""
+def _written_rows(param: torch.Tensor, *, unique: bool) -> torch.Tensor | None:
+    """Rows of a kept embedding buffer written since the last zeroing (repeats allowed unless
+    `unique`: a norm must count each row once, zeroing need not); None for ordinary parameters."""
     rows = getattr(param, "_vgclip_rows", None)
     if rows is None:
         return None
     if not rows:
         return torch.empty(0, dtype=torch.long, device=param.device)
-    return torch.unique(torch.cat(rows))
+    merged = torch.cat(rows)
+    return torch.unique(merged) if unique else merged
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
@@ -71,7 +73,7 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         for param in group["params"]:
             if param.grad is None:
                 continue
-            rows = _written_rows(param)
+            rows = _written_rows(param, unique=True)
             if rows is None:
                 dense.append(param.grad)
             else:
@@ -94,7 +96,7 @@ def zero_grads(optimizer: torch.optim.Optimizer) -> None:
     """`optimizer.zero_grad(set_to_none=True)`, except kept embedding buffers: their written rows are zeroed."""
     for group in optimizer.param_groups:
         for param in group["params"]:
-            rows = _written_rows(param)
+            rows = _written_rows(param, unique=False)
             if rows is None:
                 param.grad = None
                 continue
