@@ -57,6 +57,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             grads = {n: p.grad for n, p in model.module.named_parameters()}
             grads["__loss__"] = torch.tensor(loss)
             save_file(grads, os.path.join(out_dir, f"{accum}-{local_loss}-rank{rank}.safetensors"))
+        D.barrier(info)  # leave together: tearing gloo down under a peer's collective aborts it
     finally:
         D.cleanup(info)
 

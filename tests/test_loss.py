@@ -79,6 +79,9 @@ def _worker(rank: int, world: int, port: int, images, texts, results) -> None:
             loss.backward()
             # Plain lists: shared-memory tensors would vanish with this process.
             results.put((rank, local, loss.item(), img.grad.tolist(), txt.grad.tolist()))
+        # Leave together: a rank that tears gloo down while its peer is still finishing the last
+        # all_gather makes that peer abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
