@@ -17,7 +17,7 @@ from vgclip.data.loader import count_samples, list_shards, make_loader, round_ro
 from vgclip.data.pairing import join_phrases, parse_pairing, region_crop
 from torchvision import transforms as T
 
-from vgclip.data.transforms import build_image_transform
+from vgclip.data.transforms import build_image_transform, stack_images
 from vgclip.errors import ConfigError, VgclipError
 
 MAX_LEN = 64
@@ -135,6 +135,32 @@ def test_uint8_batches_normalise_on_the_device_to_the_same_floats(tmp_path):
     for (raw, _), (ref, _) in zip(pixels, floats):
         assert raw.dtype == torch.uint8 and ref.dtype == torch.float32
         torch.testing.assert_close(imagenet.normalize(raw.to(memory_format=torch.channels_last)), ref)
+
+
+def test_batches_stay_channels_last_and_normalise_per_channel(tmp_path):
+    """uint8 batches come channels-last (as the resize writes them); normalising them, or a planar
+    copy, gives (x / 255 - mean) / std channel by channel."""
+    write_split(tmp_path, "train", [5])
+    imagenet = build_image_transform(32, train=False)
+    mean, std = torch.tensor(imagenet.mean).view(3, 1, 1), torch.tensor(imagenet.std).view(3, 1, 1)
+    for raw, _ in collect(make_loader(tmp_path, "train", cfg(), imagenet, CharTokenizer(), train=False, seed=0,
+                                      normalize=False)):
+        assert raw.is_contiguous(memory_format=torch.channels_last)
+        planar = raw.contiguous()
+        expected = (planar.float() / 255 - mean) / std
+        torch.testing.assert_close(imagenet.normalize(raw), expected)
+        torch.testing.assert_close(imagenet.normalize(planar), expected)
+        torch.testing.assert_close(imagenet.normalize(raw[0]), expected[0])  # one channels-last image
+
+
+def test_stack_images_keeps_values_and_channels_last():
+    rng = torch.Generator().manual_seed(0)
+    planar = [torch.randint(0, 255, (3, 5, 7), dtype=torch.uint8, generator=rng) for _ in range(3)]
+    channels_last = [image.permute(1, 2, 0).contiguous().permute(2, 0, 1) for image in planar]
+    stacked = stack_images(channels_last)
+    assert torch.equal(stacked, torch.stack(planar)) and stacked.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(stack_images(planar), torch.stack(planar))
+    assert torch.equal(stack_images([channels_last[0], planar[1]]), torch.stack(planar[:2]))  # mixed
 
 
 @pytest.mark.parametrize(("workers", "train"), [(0, True), (2, True), (2, False)])

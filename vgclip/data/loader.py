@@ -38,6 +38,7 @@ from vgclip.data.decoding import decode_image
 from vgclip.data.images import BadImageError
 from vgclip.data.pairing import Box, Pairing, choose_pair, metadata_problem, mirror_text, parse_pairing, stable_seed
 from vgclip.data.tar_reader import iter_tar_samples
+from vgclip.data.transforms import stack_images
 from vgclip.errors import ConfigError, VgclipError
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class _Collate:
         self.normalize = normalize
 
     def __call__(self, batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = torch.stack([image for image, _ in batch])
+        images = stack_images([image for image, _ in batch])
         if self.normalize is not None:
             images = self.normalize(images)
         tokens = self.tokenizer([text for _, text in batch])

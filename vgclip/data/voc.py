@@ -21,6 +21,7 @@ from defusedxml import ElementTree as SafeET
 from PIL import Image
 
 from vgclip.data.decoding import decode_image
+from vgclip.data.transforms import stack_images
 from vgclip.errors import VgclipError
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,6 @@ def collate_images(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[st
     good = [(i, x) for i, x, _ in items if x is not None]
     return {
         "index": torch.tensor([i for i, _ in good], dtype=torch.long),
-        "images": torch.stack([x for _, x in good]) if good else None,
+        "images": stack_images([x for _, x in good]) if good else None,
         "failed": [(i, reason) for i, x, reason in items if x is None],
     }

@@ -27,6 +27,7 @@ from torch import nn
 
 from vgclip.config import Config
 from vgclip.data.pairing import choose_pair, parse_pairing, stable_seed
+from vgclip.data.transforms import stack_images
 
 if TYPE_CHECKING:
     from vgclip.train.loop import _Run
@@ -85,7 +86,7 @@ def compute_features(visual: nn.Module, shards: list[Path], transform, device: t
 
     def flush() -> None:
         if pending:
-            rows.append(visual(torch.stack(pending).to(device)).float().cpu())
+            rows.append(visual(stack_images(pending).to(device)).float().cpu())
             pending.clear()
 
     # Decode exactly as the shard loader does for this transform, so cached features equal the
