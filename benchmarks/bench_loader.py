@@ -13,7 +13,9 @@ times, with one process (num_workers=0, one torch thread: what one DataLoader wo
           both sides
 and prints one JSON line with both rates (samples/s) and raw time / loader time (target >= 0.8): the
 median over rounds. Also reported: the ratio with float batches normalised in the worker
-(make_loader's default) and, when simplejpeg is installed, as if it were not ("fallback_ratio").
+(make_loader's default), with the train-time transform (random resized crop + flip: crops are
+resized from larger areas and, for 512 px shards, decoded at full scale; "train_transform_ratio"),
+and, when simplejpeg is installed, as if it were not ("fallback_ratio").
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def decode_raw(jpegs: list[bytes]) -> None:
 
 
 def time_paired(root: Path, jpegs: list[bytes], tokenizer: Tokenizer, batch_size: int, image_size: int, *,
-                normalize: bool = False, fallback: bool = False) -> tuple[float, float]:
+                normalize: bool = False, fallback: bool = False, train_transform: bool = False) -> tuple[float, float]:
     """(loader seconds, raw-decode seconds) for one pass, interleaved batch by batch.
 
     After each loader batch the same JPEGs are decoded raw, so a slow spell on a shared machine hits
@@ -111,10 +113,13 @@ def time_paired(root: Path, jpegs: list[bytes], tokenizer: Tokenizer, batch_size
     if fallback:  # num_workers=0: the loader decodes in this process, so this module switch applies
         saved, decoding.simplejpeg = decoding.simplejpeg, None
         try:
-            return time_paired(root, jpegs, tokenizer, batch_size, image_size, normalize=normalize)
+            return time_paired(root, jpegs, tokenizer, batch_size, image_size, normalize=normalize,
+                               train_transform=train_transform)
         finally:
             decoding.simplejpeg = saved
-    transform = build_image_transform(image_size, train=False)
+    # The loader itself runs in eval order (file order, so the raw side decodes the same images);
+    # a train transform draws its crops and flips from torch's RNG.
+    transform = build_image_transform(image_size, train=train_transform)
     cfg = DataConfig(batch_size=batch_size, num_workers=0, shuffle_buffer=1)
     batches = iter(make_loader(root, "train", cfg, transform, tokenizer, train=False, seed=0, normalize=normalize))
     loader_s = raw_s = 0.0
@@ -153,7 +158,8 @@ def main() -> None:
         run = functools.partial(time_paired, root, jpegs, tokenizer, args.batch_size, args.image_size)
         run()  # warm-up: imports, first-call costs
         compare = decoding.simplejpeg is not None
-        variants = {"loader": {}, "normalised_in_worker": {"normalize": True}}
+        variants = {"loader": {}, "normalised_in_worker": {"normalize": True},
+                    "train_transform": {"train_transform": True}}
         if compare:
             variants["fallback"] = {"fallback": True}
         times = {name: [run(**kwargs) for _ in range(args.rounds)] for name, kwargs in variants.items()}
@@ -170,6 +176,7 @@ def main() -> None:
         "ratio": round(statistics.median(ratios["loader"]), 3),
         "ratio_min_max": [round(ratios["loader"][0], 3), round(ratios["loader"][-1], 3)],
         "normalised_in_worker_ratio": round(statistics.median(ratios["normalised_in_worker"]), 3),
+        "train_transform_ratio": round(statistics.median(ratios["train_transform"]), 3),
         "rounds": args.rounds,
         "jpeg_decoder": "simplejpeg" if compare else "torchvision/pil",
         "target_ratio": 0.8,
