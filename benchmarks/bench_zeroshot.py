@@ -69,7 +69,9 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert("RGB")), 0
+            # Planar, as open_clip's torchvision preprocess returns (vgclip's transform gives
+            # channels-last tensors, which default_collate would gather more slowly).
+            return self.transform(img.convert("RGB")).contiguous(), 0
 
 
 def vgclip_path(model, transform, tokenizer, paths, texts, args) -> tuple[float, np.ndarray]:

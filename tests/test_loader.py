@@ -155,7 +155,7 @@ def test_batches_stay_channels_last_and_normalise_per_channel(tmp_path):
 
 def test_stack_images_keeps_values_and_channels_last():
     rng = torch.Generator().manual_seed(0)
-    planar = [torch.randint(0, 255, (3, 5, 7), dtype=torch.uint8, generator=rng) for _ in range(3)]
+    planar = [torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8, generator=rng) for _ in range(3)]
     channels_last = [image.permute(1, 2, 0).contiguous().permute(2, 0, 1) for image in planar]
     stacked = stack_images(channels_last)
     assert torch.equal(stacked, torch.stack(planar)) and stacked.is_contiguous(memory_format=torch.channels_last)

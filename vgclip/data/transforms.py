@@ -30,7 +30,8 @@ TRAIN_RATIO = (3 / 4, 4 / 3)
 
 
 class ImageTransform:
-    """PIL image -> normalised float tensor (3, image_size, image_size). Picklable (used in workers)."""
+    """PIL image -> normalised float tensor (3, image_size, image_size), channels-last in memory
+    (batch with `stack_images`; `.contiguous()` for a planar copy). Picklable (used in workers)."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> None:
         if image_size <= 0:
@@ -111,7 +112,8 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
     A plain `torch.stack` of channels-last images gathers them byte by byte into NCHW, about six
     times slower than stacking their (H, W, 3) views, which is one copy per image.
     """
-    if all(image.dim() == 3 and image.permute(1, 2, 0).is_contiguous() for image in images):
+    same_shape = len({tuple(image.shape) for image in images}) == 1  # else torch.stack's own error
+    if same_shape and all(image.dim() == 3 and image.permute(1, 2, 0).is_contiguous() for image in images):
         return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
     return torch.stack(list(images))
 
@@ -143,7 +145,7 @@ def build_image_transform(
     std: Sequence[float] = IMAGENET_STD,
     train: bool = False,
 ) -> ImageTransform:
-    """PIL image -> normalised float tensor (3, image_size, image_size).
+    """PIL image -> normalised float tensor (3, image_size, image_size), channels-last in memory.
 
     Train: random resized crop (area 0.5-1, aspect 3/4-4/3, bicubic) and horizontal flip, drawn
     from torch's RNG. Eval: resize the shorter side to image_size, centre crop.

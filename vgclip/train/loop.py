@@ -203,7 +203,9 @@ def _batches(run: _Run, epoch: int) -> Iterator:
 def _to_device(run: _Run, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     images, tokens = batch
     fmt = torch.channels_last if run.config.train.channels_last and images.ndim == 4 else torch.contiguous_format
-    images = images.to(run.info.device, non_blocking=True, memory_format=fmt)
+    # Move first, then change layout (a no-op for the loader's channels-last pixels when fmt is
+    # channels-last): the copy then runs on the device, and a pinned batch keeps its async transfer.
+    images = images.to(run.info.device, non_blocking=True).contiguous(memory_format=fmt)
     if images.dtype == torch.uint8:  # loader pixels, not cached features: normalise on the device
         images = run.train_tf.normalize(images)
     return images, {k: v.to(run.info.device, non_blocking=True) for k, v in tokens.items()}
