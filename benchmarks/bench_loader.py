@@ -13,10 +13,11 @@ DataLoader worker does):
           transform), decoded right after each loader batch so a slow spell on a shared machine hits
           both sides
 and prints one JSON line with both rates (samples/s) and raw time / loader time (target >= 0.8): the
-median over processes of each process's median round, with every process's ratio. Also reported: the ratio with float batches normalised in the worker
-(make_loader's default), with the train-time transform (random resized crop + flip: crops are
-resized from larger areas and, for 512 px shards, decoded at full scale; "train_transform_ratio"),
-and, when simplejpeg is installed, as if it were not ("fallback_ratio").
+median over processes of each process's median round, with every process's ratio. Also reported:
+the ratio with float batches normalised in the worker (make_loader's default), with the train-time
+transform (random resized crop + flip: crops are resized from larger areas and, for 512 px shards,
+decoded at full scale; "train_transform_ratio"), and, when simplejpeg is installed, as if it were
+not ("fallback_ratio").
 """
 
 from __future__ import annotations
