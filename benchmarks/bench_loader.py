@@ -27,7 +27,6 @@ import functools
 import io
 import json
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -44,6 +43,8 @@ from vgclip.data.loader import list_shards, make_loader
 from vgclip.data.tar_reader import iter_tar_samples
 from vgclip.data.transforms import build_image_transform
 from vgclip.model.text_tower import Tokenizer, resolve_text_source
+
+from child_process import run_measurement  # benchmarks/ is on sys.path when a script in it runs
 
 
 def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -168,10 +169,7 @@ def measure_in_fresh_process(root: Path, args: argparse.Namespace) -> dict[str, 
     """`measure` in a new interpreter: its memory and library layout is one more draw."""
     command = [sys.executable, __file__, "--measure-in", str(root), "--rounds", str(args.rounds),
                "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"measuring process failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_measurement(command, "bench_loader: a measuring process")
 
 
 def main() -> None:

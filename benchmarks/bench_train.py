@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import time
 
 import torch
+
+from child_process import run_measurement  # benchmarks/ is on sys.path when a script in it runs
 
 
 def _batches(n: int, batch: int, size: int, tokenizer, device) -> list:
@@ -168,10 +169,7 @@ def main() -> None:
         for side in SIDES:
             cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--locked-steps", str(args.locked_steps), "--batch", str(args.batch), "--device", args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"bench_train: the {side} side failed:\n{done.stderr[-3000:]}")
-            child = json.loads(done.stdout.strip().splitlines()[-1])
+            child = run_measurement(cmd, f"bench_train: the {side} side")
             seconds[side] += child["seconds"]
             samples[side] += child["samples"]
     rates = {f"{side}_samples_per_s": samples[side] / seconds[side] for side in SIDES}
