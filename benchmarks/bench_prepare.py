@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from vgclip.data import visual_genome
-from vgclip.data.cleaning import CleaningSettings, Skips
-from vgclip.data.visual_genome import iter_clean_regions, read_image_data
+from vgclip.prepare import visual_genome
+from vgclip.prepare.cleaning import CleaningSettings, Skips
+from vgclip.prepare.visual_genome import iter_clean_regions, read_image_data
 
 WORDS = ("man woman dog cat red blue green white black car tree sky cloud building window door street sign "
          "shirt hat wearing holding on the a of in near behind large small wooden metal glass table chair "

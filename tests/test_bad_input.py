@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vgclip.commands import prepare
-from vgclip.data.cleaning import CleaningSettings, clean_phrase
+from vgclip.prepare.cleaning import CleaningSettings, clean_phrase
 from vgclip.data.images import BadImageError, open_image_checked
-from vgclip.data.visual_genome import stream_json_array
+from vgclip.prepare.visual_genome import stream_json_array
 from vgclip.errors import VgclipError
 
 W, H = 40, 30

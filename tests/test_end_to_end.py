@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from vgclip.cli import main as cli
-from vgclip.data.cleaning import CleaningSettings, Skips
-from vgclip.data.synthetic import SYNTH_CLASSES, write_synthetic_vg, write_synthetic_voc
-from vgclip.data.visual_genome import iter_vg_records
+from vgclip.prepare.cleaning import CleaningSettings, Skips
+from vgclip.synthetic.writers import SYNTH_CLASSES, write_synthetic_vg, write_synthetic_voc
+from vgclip.prepare.visual_genome import iter_vg_records
 from vgclip.data.voc import load_voc
 
 

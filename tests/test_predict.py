@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vgclip.cli import main
-from vgclip.commands.predict import read_labels
+from vgclip.eval.predict import read_labels
 from vgclip.errors import VgclipError
 from vgclip.eval.thresholds import save_thresholds
 

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from vgclip import cli
-from vgclip.data import synthetic
-from vgclip.data.synthetic import SYNTH_CLASSES, scene_rng, write_synthetic_vg, write_synthetic_voc
-from vgclip.data.synthetic_draw import render_scene
-from vgclip.data.synthetic_text import object_phrases, scene_regions
+from vgclip.synthetic import writers as synthetic
+from vgclip.synthetic.writers import SYNTH_CLASSES, scene_rng, write_synthetic_vg, write_synthetic_voc
+from vgclip.synthetic.draw import render_scene
+from vgclip.synthetic.text import object_phrases, scene_regions
 from vgclip.errors import VgclipError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -183,7 +183,7 @@ def test_cli_user_errors_are_one_line(shards, tmp_path, capsys):
 
 
 def test_voc_root_adds_a_zero_shot_report(shards, tmp_path):
-    from vgclip.data.synthetic import write_synthetic_voc
+    from vgclip.synthetic.writers import write_synthetic_voc
 
     write_synthetic_voc(tmp_path / "voc", 12, seed=0, min_side=64, max_side=96)
     run = tmp_path / "run"

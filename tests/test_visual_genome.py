@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vgclip.commands import prepare
-from vgclip.data.cleaning import CleaningSettings, Skips, assign_split, split_sizes
-from vgclip.data.visual_genome import iter_vg_records
+from vgclip.prepare.cleaning import CleaningSettings, Skips, assign_split, split_sizes
+from vgclip.prepare.visual_genome import iter_vg_records
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "vg-json-sample"
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"VG JSON sample not found at {SAMPLE}")

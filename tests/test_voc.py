@@ -80,7 +80,7 @@ def test_voc2007_class_lists_crlf() -> None:
 
 @pytest.fixture(scope="module")
 def synth_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vgclip.data.synthetic import write_synthetic_voc
+    from vgclip.synthetic.writers import write_synthetic_voc
 
     out = tmp_path_factory.mktemp("voc") / "voc"
     write_synthetic_voc(out, 16, seed=3, min_side=64, max_side=96)
@@ -93,7 +93,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_synthetic_auto_classes_and_xml_agree_with_class_lists(synth_voc: Path, tmp_path: Path) -> None:
-    from vgclip.data.synthetic import SYNTH_CLASSES
+    from vgclip.synthetic.writers import SYNTH_CLASSES
 
     xml = load_voc(synth_voc, "test")
     assert xml.classes == tuple(sorted(SYNTH_CLASSES)) and xml.label_source == "annotations"

@@ -66,7 +66,7 @@ class FakeClip(nn.Module):
 
 @pytest.fixture(scope="module")
 def synth_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vgclip.data.synthetic import write_synthetic_voc
+    from vgclip.synthetic.writers import write_synthetic_voc
 
     out = tmp_path_factory.mktemp("zs") / "voc"
     write_synthetic_voc(out, 40, seed=5, min_side=64, max_side=80)

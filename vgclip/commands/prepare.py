@@ -43,8 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vgclip.data.cleaning import CleaningSettings, Skips
-    from vgclip.data.pipeline import PrepareSettings, format_summary, run_prepare
+    from vgclip.prepare.cleaning import CleaningSettings, Skips
+    from vgclip.prepare.pipeline import PrepareSettings, format_summary, run_prepare
     from vgclip.errors import VgclipError
 
     if args.train_images < 0 or args.val_images < 0 or args.train_images + args.val_images == 0:
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _source(args: argparse.Namespace, cleaning, skips):
     """The record iterator of the chosen source and a description of the inputs for the manifest."""
-    from vgclip.data.sources import iter_coco_records, iter_csv_records
-    from vgclip.data.visual_genome import iter_vg_records
+    from vgclip.prepare.sources import iter_coco_records, iter_csv_records
+    from vgclip.prepare.visual_genome import iter_vg_records
     from vgclip.errors import VgclipError
 
     if args.vg_root is not None:

@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write both folders and print where they went with their counts."""
-    from vgclip.data.synthetic import SYNTH_CLASSES, write_synthetic_vg, write_synthetic_voc
+    from vgclip.synthetic.writers import SYNTH_CLASSES, write_synthetic_vg, write_synthetic_voc
     from vgclip.errors import VgclipError
 
     if args.image_size < 64:

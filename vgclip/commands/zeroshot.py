@@ -41,24 +41,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def eval_config_for(checkpoint: str | Path, overrides: list[str]) -> Any:
-    """The eval settings: the run's config.yaml `eval` section (when found) with `eval.*` overrides applied."""
-    from vgclip.config import load_config
-    from vgclip.errors import ConfigError
-
-    fixed = []
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        if "." in key and not key.startswith("eval."):
-            raise ConfigError(f"override {item!r}: only eval.* settings can be changed here")
-        fixed.append(item if key.startswith("eval.") else f"eval.{item}")
-    path = Path(checkpoint)
-    folder = path if path.is_dir() else path.parent
-    # A step checkpoint (RUN/checkpoints/step-N/) uses the run folder's config, as load_checkpoint does.
-    candidates = [f / "config.yaml" for f in (folder, *list(folder.parents)[:2])]
-    config_file = next((c for c in candidates if c.is_file()), None)
-    return load_config(str(config_file) if config_file else None, fixed).eval
-
 
 def run(args: argparse.Namespace) -> int:
     """Load the run, evaluate, write the report folder and print the summary table."""
@@ -67,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from vgclip.eval.prompts import load_name_overrides
     from vgclip.eval.report import summary_table
     from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
+    from vgclip.model.checkpoint import checkpoint_eval_config
 
     overrides = list(args.overrides)
     for key in ("score", "templates", "difficult"):
         if getattr(args, key):
             overrides.append(f"eval.{key}={getattr(args, key)}")
-    eval_cfg = eval_config_for(args.checkpoint, overrides)
+    eval_cfg = checkpoint_eval_config(args.checkpoint, overrides)
     if args.workers < 0:
         raise VgclipError("--workers must be 0 or more")
     options = ZeroshotOptions(

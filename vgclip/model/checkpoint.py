@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vgclip.config import Config, load_config, save_config
-from vgclip.errors import VgclipError
+from vgclip.config import Config, EvalConfig, load_config, save_config
+from vgclip.errors import ConfigError, VgclipError
 from vgclip.io import atomic_path
 
 WEIGHTS_FILE = "model.safetensors"
@@ -120,12 +120,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if weights.suffix != ".safetensors":
         weights = path.parent / WEIGHTS_FILE
-    # A step checkpoint (RUN/checkpoints/step-N/) may rely on the run folder's config and tower files.
-    for folder in [weights.parent, *list(weights.parent.parents)[:2]]:
-        if (folder / CONFIG_FILE).is_file() and (folder / TEXT_TOWER_DIR / "config.json").is_file():
-            break
-    else:
-        folder = weights.parent
+    folder = run_folder_of(weights.parent) or weights.parent
     missing = [
         name
         for name, ok in (
@@ -169,5 +164,26 @@ def load_checkpoint(path: str | Path):
     return model, transform, tokenizer
 
 
-# docs/design.md names the writer save_checkpoint; both names refer to the same function.
-save_checkpoint = save_model
+def run_folder_of(folder: Path) -> Path | None:
+    """The run folder (config.yaml + text_tower/) that `folder` is or lies in, or None.
+
+    A step checkpoint (RUN/checkpoints/step-N/) relies on the run folder's config and tower files.
+    """
+    for candidate in [folder, *list(folder.parents)[:2]]:
+        if (candidate / CONFIG_FILE).is_file() and (candidate / TEXT_TOWER_DIR / "config.json").is_file():
+            return candidate
+    return None
+
+
+def checkpoint_eval_config(checkpoint: str | Path, overrides: list[str]) -> EvalConfig:
+    """The eval settings of a run (its config.yaml `eval` section, defaults when not found), with
+    `eval.*` overrides applied; `key=value` without a section means `eval.key=value`."""
+    fixed = []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if "." in key and not key.startswith("eval."):
+            raise ConfigError(f"override {item!r}: only eval.* settings can be changed here")
+        fixed.append(item if key.startswith("eval.") else f"eval.{item}")
+    path = Path(checkpoint)
+    run_dir = run_folder_of(path if path.is_dir() else path.parent)
+    return load_config(str(run_dir / CONFIG_FILE) if run_dir else None, fixed).eval

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vgclip.data.synthetic_draw import Scene, SceneObject
+from vgclip.synthetic.draw import Scene, SceneObject
 
 _WHERE = {
     "left": ("on the left", "on the left side"),

@@ -11,8 +11,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from vgclip.data.cleaning import CleaningSettings, PhraseDeduper, Skips, clean_phrase
-from vgclip.data.visual_genome import stream_json_array
+from vgclip.prepare.cleaning import CleaningSettings, PhraseDeduper, Skips, clean_phrase
+from vgclip.prepare.visual_genome import stream_json_array
 from vgclip.errors import VgclipError
 
 

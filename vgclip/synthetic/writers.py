@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vgclip.data.synthetic_draw import SYNTH_CLASSES, SYNTH_COLOURS, Scene, render_scene
-from vgclip.data.synthetic_text import scene_regions
+from vgclip.synthetic.draw import SYNTH_CLASSES, SYNTH_COLOURS, Scene, render_scene
+from vgclip.synthetic.text import scene_regions
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_write_text
 

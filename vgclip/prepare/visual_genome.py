@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import ijson
 
-from vgclip.data.cleaning import CleaningSettings, Skips, clean_box, clean_phrase
+from vgclip.prepare.cleaning import CleaningSettings, Skips, clean_box, clean_phrase
 from vgclip.errors import VgclipError
 
 IMAGE_DIRS = ("VG_100K", "VG_100K_2")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vgclip.data.cleaning import CleaningSettings, Skips, assign_split
+from vgclip.prepare.cleaning import CleaningSettings, Skips, assign_split
 from vgclip.data.images import DEFAULT_MAX_PIXELS
-from vgclip.data.shards import (
+from vgclip.prepare.shards import (
     FORMATS, ShardResult, ShardTask, result_from_json, shard_name, state_path, tfrecord_writer_class, write_shard,
 )
 from vgclip.errors import VgclipError
