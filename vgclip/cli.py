@@ -12,7 +12,14 @@ import sys
 
 from vgclip.errors import VgclipError
 
-COMMANDS = ("synth", "prepare", "train", "zeroshot", "predict", "demo")
+COMMANDS = (
+    "synth",
+    "prepare",
+    "train",
+    "zeroshot",
+    "predict",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
