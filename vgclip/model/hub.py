@@ -1,15 +1,15 @@
 """Deciding whether to use the network for pretrained weights, quickly.
 
-huggingface_hub retries an unreachable host for ~25 s per file; on a machine without network we
-would rather say at once that the weights are not available locally and how to get them.
+huggingface_hub retries an unreachable host for a long time per file; on a machine without
+network we would rather say at once that the weights are not available locally and how to get
+them. The check goes through the hub library's own HTTP session, so whatever reaches the hub for
+the download (HTTPS_PROXY / NO_PROXY, HF_ENDPOINT, offline mode) decides the check too.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import socket
-from urllib.parse import urlparse
 
 _TRUE = ("1", "ON", "YES", "TRUE")
 
@@ -18,22 +18,25 @@ def hub_offline() -> bool:
     """True when the user asked for no network (env read at call time, not at import time)."""
     import huggingface_hub.constants as hf_constants
 
+    # The hub reads HF_HUB_OFFLINE once at import; a flag set later (tests, notebooks) counts too.
     flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
     return bool(hf_constants.HF_HUB_OFFLINE) or any(f.strip().upper() in _TRUE for f in flags)
 
 
 @functools.lru_cache(maxsize=8)
 def host_reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the URL's host opens within `timeout` seconds."""
-    parsed = urlparse(url)
-    if not parsed.hostname:
-        return False
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    """Whether an HTTP request to `url` gets any answer within `timeout` seconds.
+
+    Sent with huggingface_hub's session: proxies from the environment apply, as they do for the
+    download itself (a raw TCP connect would call a host behind a proxy unreachable).
+    """
+    from huggingface_hub import get_session
+
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
+        get_session().head(url, timeout=timeout)
+    except Exception:  # noqa: BLE001 - the hub's HTTP stack (and so its error types) changes between versions
         return False
+    return True
 
 
 def hub_endpoint() -> str:
