@@ -75,6 +75,11 @@ class DataConfig:
     augment: bool = True  # random resized crop + flip at train time
     region_margin: float = 0.1
     region_min_size: int = 16
+    # Speed paths, each switchable for a run that must not depend on them: libjpeg-turbo DCT-scaled
+    # decoding (false: every image through PIL at full size; vgclip/data/jpeg_turbo.py), and the
+    # direct tar reader ("webdataset": Python's tarfile via webdataset; vgclip/data/tar_reader.py).
+    fast_decode: bool = True
+    tar_reader: str = "direct"  # "direct" or "webdataset"
 
 
 @dataclass(frozen=True)
