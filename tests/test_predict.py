@@ -94,3 +94,10 @@ def test_read_labels(tmp_path: Path) -> None:
         read_labels("a,a", None)
     with pytest.raises(VgclipError, match="missing.txt"):
         read_labels(None, tmp_path / "missing.txt")
+    assert read_labels("traffic light , stop sign", None) == ["traffic light", "stop sign"]
+    path = tmp_path / "labels.txt"
+    path.write_text("# COCO\ntraffic light\r\n  teddy bear \n\n")
+    assert read_labels(None, path) == ["traffic light", "teddy bear"]  # whole lines, as `zeroshot --classes`
+    path.write_text("# only a comment\n\n")
+    with pytest.raises(VgclipError, match="labels.txt: label list is empty"):
+        read_labels(None, path)

@@ -164,8 +164,16 @@ def test_resolve_classes(tmp_path: Path) -> None:
     f = tmp_path / "classes.txt"
     f.write_text("zebra\r\nyak\r\n\r\n")
     assert resolve_classes(str(f)) == ("zebra", "yak")
-    with pytest.raises(VgclipError, match="repeats"):
+    with pytest.raises(VgclipError, match="repeated name.*'a'"):
         resolve_classes("a,a")
+    assert resolve_classes("traffic light, stop sign") == ("traffic light", "stop sign")
+    f.write_bytes("\ufeff# COCO names\n traffic light \n\nstop sign\n".encode())
+    assert resolve_classes(str(f)) == ("traffic light", "stop sign")  # whole lines, BOM and comment dropped
+    f.write_text("traffic light\nstop sign\ntraffic light\n")
+    with pytest.raises(VgclipError, match=r"classes\.txt: repeated name\(s\): 'traffic light'"):
+        resolve_classes(str(f))
+    with pytest.raises(VgclipError, match="missing.txt not found"):
+        resolve_classes(str(tmp_path / "missing.txt"))  # never a one-class list called "missing.txt"
 
 
 def test_image_dataset_reports_unreadable_file(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
     labels = p.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", help="comma-separated labels, e.g. 'cat,dog,person'")
-    labels.add_argument("--labels-file", type=Path, help="file with one label per line")
+    labels.add_argument("--labels", help="comma-separated labels, e.g. 'cat,traffic light,person'")
+    labels.add_argument("--labels-file", type=Path,
+                        help="file with one label per line (whole lines; blank lines and # comments skipped)")
     thr = p.add_mutually_exclusive_group()
     thr.add_argument("--thresholds", type=Path, help="thresholds.json from `vgclip zeroshot`")
     thr.add_argument("--threshold", type=float, help="one threshold for every label")

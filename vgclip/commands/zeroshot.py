@@ -22,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="evaluation split (ImageSets/Main/<split>.txt; default test)")
     p.add_argument("--tune-split", default="trainval", help="split to tune thresholds on ('none' to skip; default trainval)")
     p.add_argument("--tune-on-eval", action="store_true", help="allow tuning thresholds on the evaluation split (optimistic)")
-    p.add_argument("--classes", default="auto", help="auto (default), voc (standard 20), 'a,b,c', or a file with one per line")
+    p.add_argument("--classes", default="auto",
+                   help="auto (default), voc (standard 20), 'traffic light,stop sign', or a file with one name "
+                   "per line (whole lines; blank lines and # comments skipped)")  # fmt: skip
     p.add_argument("--class-names", type=Path, help="YAML mapping class -> text used in prompts")
     p.add_argument("--strict-classes", action="store_true", help="fail on an annotated class outside the class list")
     p.add_argument("--score", choices=("softmax", "sigmoid", "cosine"), help="same as eval.score=...")

@@ -23,6 +23,7 @@ from PIL import Image
 from vgclip.data.decoding import decode_image
 from vgclip.data.transforms import stack_images
 from vgclip.errors import VgclipError
+from vgclip.names import check_unique, looks_like_list_file, read_name_file, split_comma_list
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class VocSplit:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     unknown_classes: dict[str, int] = field(default_factory=dict)
+    # Per class: listed images whose labels name it at all (positive or difficult), counted before images
+    # with missing files are dropped; 0 means no annotation uses the name (a typo, or a name cut short).
+    class_images: dict[str, int] = field(default_factory=dict)
 
     def subset(self, keep: Sequence[int]) -> VocSplit:
         """The same split restricted to rows `keep` (skip bookkeeping is shared)."""
@@ -61,7 +65,7 @@ class VocSplit:
         return VocSplit(
             self.root, self.split, self.classes, [self.image_ids[i] for i in idx], [self.image_paths[i] for i in idx],
             self.labels[idx], self.ignore[idx], self.difficult, self.label_source,
-            list(self.skipped), list(self.notices), dict(self.unknown_classes),
+            list(self.skipped), list(self.notices), dict(self.unknown_classes), dict(self.class_images),
         )  # fmt: skip
 
 
@@ -83,7 +87,10 @@ def find_voc_root(path: str | Path) -> Path:
 
 
 def read_id_list(path: Path) -> list[list[str]]:
-    """Rows of whitespace-separated fields from an ImageSets list (CRLF and blank lines tolerated)."""
+    """Rows of whitespace-separated fields from an ImageSets list (CRLF and blank lines tolerated).
+
+    Only for ImageSets rows (`id` or `id  1`); lists of names are read by `vgclip.names.read_name_file`.
+    """
     try:
         text = path.read_text(encoding="utf-8", errors="strict")
     except (OSError, UnicodeDecodeError) as exc:
@@ -123,6 +130,8 @@ def parse_annotation(path: Path) -> Annotation:
 def resolve_classes(spec: str | Sequence[str] | None, discovered: set[str] | None = None) -> tuple[str, ...]:
     """The class list: "auto", "voc" (the standard 20), "a,b,c", a file with one name per line, or a list.
 
+    A file is read by `vgclip.names.read_name_file` (whole lines, so multi-word names stay whole).
+
     "auto" keeps the standard 20 (in their usual order) when every discovered name is one of them,
     otherwise the sorted discovered names (e.g. the synthetic set's circle/square/triangle).
     """
@@ -132,19 +141,16 @@ def resolve_classes(spec: str | Sequence[str] | None, discovered: set[str] | Non
         return tuple(sorted(discovered))
     if spec == "voc":
         return STANDARD_CLASSES
+    if isinstance(spec, str) and looks_like_list_file(spec):
+        if not Path(spec).is_file():
+            raise VgclipError(f"class list file {spec} not found")
+        return tuple(read_name_file(spec, "class list"))  # whole lines: "traffic light" stays one name
     if isinstance(spec, str):
-        path = Path(spec)
-        if "," not in spec and path.is_file():
-            names = [row[0] for row in read_id_list(path)]
-        else:
-            names = [n.strip() for n in spec.split(",") if n.strip()]
+        names = split_comma_list(spec, f"class list {spec!r}")
     else:
-        names = [str(n).strip() for n in spec]
+        names = check_unique([str(n).strip() for n in spec], "class list")
     if not names:
         raise VgclipError(f"class list {spec!r} is empty")
-    dupes = sorted(n for n, k in Counter(names).items() if k > 1)
-    if dupes:
-        raise VgclipError(f"class list repeats {', '.join(dupes)}")
     return tuple(names)
 
 
@@ -209,7 +215,9 @@ def load_voc(
             + ", ".join(f"{n} ({k})" for n, k in sorted(unknown.items()))
         )
         log.warning(notices[-1])
-    result = VocSplit(root, used_split, names, [], [], labels, ignore, difficult, source, skipped, notices, unknown)
+    used = ((labels != 0) | ignore).sum(axis=0)
+    result = VocSplit(root, used_split, names, [], [], labels, ignore, difficult, source, skipped, notices, unknown,
+                      {name: int(k) for name, k in zip(names, used)})  # fmt: skip
     keep_rows: list[int] = []
     for row, image_id in enumerate(kept):
         path = _image_path(root, image_id, parsed[image_id].filename if image_id in parsed else None)
@@ -283,6 +291,8 @@ def _labels_from_lists(
     labels = np.zeros((len(ids), len(names)), dtype=np.int8)
     ignore = np.zeros((len(ids), len(names)), dtype=bool)
     for c, name in enumerate(names):
+        if "/" in name or "\\" in name:  # the name becomes part of a path: never leave ImageSets/Main
+            raise VgclipError(f"class '{name}': a name with a path separator cannot name an ImageSets/Main list")
         path = root / "ImageSets" / "Main" / f"{name}_{split}.txt"
         if not path.is_file():
             raise VgclipError(f"{path} not found: no Annotations/ and no per-class list for '{name}'")

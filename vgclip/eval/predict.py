@@ -9,21 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from vgclip.errors import VgclipError
+from vgclip.names import read_name_file, split_comma_list
+
 
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
-    """Labels from a comma list or a file (one per line, blank lines and #comments skipped)."""
+    """Labels from a comma list or a file (one per line, whole lines, blank lines and #comments skipped)."""
     if labels_file is not None:
-        try:
-            lines = labels_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise VgclipError(f"{labels_file}: cannot read labels ({exc})") from None
-        names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-    else:
-        names = [n.strip() for n in (labels or "").split(",") if n.strip()]
+        return read_name_file(labels_file, "label list")
+    names = split_comma_list(labels or "", "--labels")
     if not names:
         raise VgclipError("no labels given (--labels 'a,b,c' or --labels-file FILE)")
-    if len(set(names)) != len(names):
-        raise VgclipError(f"labels repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     return names
 
 

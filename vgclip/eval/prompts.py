@@ -46,7 +46,8 @@ def readable_name(name: str, overrides: Mapping[str, str] | None = None) -> str:
 
 
 def load_name_overrides(path: str | Path | None) -> dict[str, str]:
-    """A YAML mapping `class: "readable text"` (empty when no path is given)."""
+    """A YAML mapping `class: "readable text"` (empty when no path is given); keys may be multi-word
+    ("traffic light: traffic signal")."""
     if not path:
         return {}
     path = Path(path)
@@ -56,7 +57,13 @@ def load_name_overrides(path: str | Path | None) -> dict[str, str]:
         raise VgclipError(f"{path}: cannot read class-name overrides ({exc})") from None
     if not isinstance(data, dict) or not all(isinstance(v, str) and v.strip() for v in data.values()):
         raise VgclipError(f"{path}: class-name overrides must map each class to a non-empty string")
-    return {str(k): v.strip() for k, v in data.items()}
+    # YAML reads some bare keys as other types (yes/no/on/off -> bool, 1 -> int); str() of those would
+    # silently name a different class, so ask for quotes instead.
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise VgclipError(f"{path}: YAML reads key {odd[0]!r} as {type(odd[0]).__name__}, not a class name; "
+                          "quote class names such as yes, no, on, off or numbers")  # fmt: skip
+    return {k.strip(): v.strip() for k, v in data.items()}
 
 
 def templates_for(kind: str) -> tuple[str, ...]:

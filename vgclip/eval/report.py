@@ -21,6 +21,11 @@ def _f(x: Any, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _cell(text: str) -> str:
+    """A class name or text as a Markdown table cell (a "|" in a name would split the row)."""
+    return text.replace("|", "\\|")
+
+
 def scores_csv(ev: ScoredSplit) -> str:
     """One row per evaluated image: image_id, score_<class>..., label_<class>... (empty label = ignored)."""
     classes = ev.data.classes
@@ -71,6 +76,8 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"(tuned thresholds: none — {tuning['note']})")
     lines.append(f"mAP {_f(report['mAP'])} (VOC07 11-point {_f(report['mAP_voc07_11pt'])}), "
                  f"chance {_f(report['chance_mean'])}, mean ROC AUC {_f(report['mean_roc_auc'])}")  # fmt: skip
+    if report["unused_classes"]:
+        lines.append(f"warning: no annotation uses class(es) {', '.join(report['unused_classes'])} (typo?)")
     return "\n".join(lines)
 
 
@@ -106,11 +113,14 @@ def markdown_report(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     for c in s["classes"]:
         n = report["counts"][c]
-        lines.append(f"| {c} | {s['class_texts'][c]} | {_f(report['AP'][c])} | {_f(report['AP_voc07_11pt'][c])} | "
+        lines.append(f"| {_cell(c)} | {_cell(s['class_texts'][c])} | {_f(report['AP'][c])} | {_f(report['AP_voc07_11pt'][c])} | "
                      f"{_f(report['roc_auc'][c])} | {_f(report['chance'][c])} | {n['positives']} | "
                      f"{n['negatives']} | {n['ignored']} |")  # fmt: skip
     if report["undefined_classes"]:
         lines += ["", f"Classes with no positives (left out of the means): {', '.join(report['undefined_classes'])}"]
+    if report["unused_classes"]:
+        lines += ["", f"**Classes that no annotation uses** (a typo or a name cut short? compare with the annotated "
+                  f"names): {', '.join(report['unused_classes'])}"]  # fmt: skip
     lines += ["", "## Fixed thresholds (one global threshold, evaluation split)", "",
               "Macro: mean of the per-class rates; micro: rates of the counts summed over all image-class pairs; "
               "exact match: images whose whole predicted label set is right.", ""]  # fmt: skip
@@ -145,6 +155,6 @@ def _tuned_section(report: dict[str, Any]) -> list[str]:
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in report["settings"]["classes"]:
         tu, ev = tuning["tune_split"]["per_class"][c], tuning["eval_split"]["per_class"][c]
-        lines.append(f"| {c} | {t['per_class'][c]:.6g} | {_f(tu['sensitivity'])} | {_f(tu['specificity'])} | "
+        lines.append(f"| {_cell(c)} | {t['per_class'][c]:.6g} | {_f(tu['sensitivity'])} | {_f(tu['specificity'])} | "
                      f"{_f(ev['sensitivity'])} | {_f(ev['specificity'])} | {_f(ev['f1'])} |")  # fmt: skip
     return lines

@@ -270,7 +270,12 @@ def build_report(
         "class_texts": dict(zip(classes, texts)),
         "label_source": d.label_source,
     }
+    report["unused_classes"] = unused_classes(ev.data, tune.data if tune is not None else None)
     report["data"] = _data_section(ev, d)
+    stray = sorted(set(opts.class_names or {}) - set(classes))
+    if stray:
+        report["data"]["notices"].append(f"--class-names entries for names outside the class list (unused): "
+                                         f"{', '.join(stray)}")  # fmt: skip
     report["sweep"] = [threshold_metrics(ev.scores, d.labels, ev.valid, classes, t) for t in eval_cfg.thresholds]
     report["tuning"] = {"note": tune_note, "on_eval_split": bool(opts.tune_on_eval), "tuned": tune is not None}
     if tune is not None:
@@ -288,6 +293,20 @@ def build_report(
     return report
 
 
+def unused_classes(data: VocSplit, tune: VocSplit | None = None) -> list[str]:
+    """Classes of the class list that no annotation of the splits read names (not even as difficult).
+
+    Unlike a class without positives in the evaluation split only, such a name is most likely a typo
+    or a name cut short (e.g. "traffic" for "traffic light"), so the report lists it.
+    """
+    splits = [data] if tune is None or tune is data else [data, tune]
+    unused = [c for c in data.classes if not any(s.class_images.get(c, 0) for s in splits)]
+    if unused:
+        log.warning("no annotation uses class(es) %s: check their spelling against the annotated names",
+                    ", ".join(repr(c) for c in unused))  # fmt: skip
+    return unused
+
+
 DIFFICULT_NOTES = {
     "ignore": "official VOC: a class present only as 'difficult' in an image is left out of that class's metrics",
     "positive": "CLIP_benchmark: 'difficult' objects count as positives",
@@ -302,5 +321,5 @@ def _data_section(ev: ScoredSplit, d: VocSplit) -> dict[str, Any]:
         "unreadable_images": len(ev.failed),
         "unknown_class_objects": d.unknown_classes,
         "ignored_entries": int(d.ignore.sum()),
-        "notices": d.notices,
+        "notices": list(d.notices),
     }
