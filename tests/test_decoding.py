@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from vgclip.data import decoding
-from vgclip.data.decoding import decode_image, decode_pixels, jpeg_scale_eighths, open_image_bytes
+from vgclip.data import decoding, jpeg_turbo
+from vgclip.data.decoding import decode_image
 from vgclip.data.images import BadImageError
+from vgclip.data.jpeg_turbo import jpeg_scale_eighths
 from vgclip.data.transforms import build_image_transform
 
-HAVE_SIMPLEJPEG = decoding.simplejpeg is not None
+HAVE_SIMPLEJPEG = jpeg_turbo.simplejpeg is not None
 
 
 @pytest.fixture(params=["simplejpeg", "no-simplejpeg"])
@@ -26,7 +27,7 @@ def turbo(request, monkeypatch) -> bool:
         if not HAVE_SIMPLEJPEG:
             pytest.skip("simplejpeg is not installed")
         return True
-    monkeypatch.setattr(decoding, "simplejpeg", None)
+    monkeypatch.setattr(jpeg_turbo, "simplejpeg", None)
     return False
 
 
@@ -50,9 +51,9 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes, crop=None, draft_size=None, tensor_ok=True):
+def decode(data: bytes, crop=None, draft_size=None, tensor_ok=True, fast=True):
     """What the shard loader does: `decode_image`, with `crop` chosen once the size is known."""
-    return decode_image("k", data, draft_size=draft_size, tensor_ok=tensor_ok, crop_for=lambda size: crop)
+    return decode_image("k", data, draft_size=draft_size, tensor_ok=tensor_ok, crop_for=lambda size: crop, fast=fast)
 
 
 def reference(data: bytes, crop=None) -> Image.Image:
@@ -137,17 +138,17 @@ def test_grayscale_cmyk_and_misnamed_png_decode_to_rgb(turbo, mode, tmp_path):
 
 def test_corrupt_jpeg_is_a_bad_image(turbo):
     data = encode(photo())
-    with pytest.raises(BadImageError, match="decode_error"):
+    with pytest.raises(BadImageError, match="truncated"):  # images.load_image's name, as in `prepare`
         decode(data[: len(data) // 2], draft_size=96)
 
 
 @pytest.mark.skipif(not HAVE_SIMPLEJPEG, reason="simplejpeg is not installed")
-def test_header_disagreeing_with_pil_is_not_trusted():
+def test_header_disagreeing_with_the_decode_is_not_trusted():
     data = encode(photo())
-    assert decoding.decode_jpeg_scaled(data, (200, 150), 0.5).shape == (75, 100, 3)
-    # The pixel limit was checked on PIL's reading of the header; another size means "don't know".
-    assert decoding.decode_jpeg_scaled(data, (20, 15), 0.5) is None
-    assert decoding.decode_jpeg_scaled(encode(photo().convert("CMYK")), (200, 150), 0.5) is None
+    assert jpeg_turbo.decode_scaled(data, (200, 150), 0.5).shape == (75, 100, 3)
+    # The pixel limit was checked on the header's size; a decode of another size means "don't know".
+    assert jpeg_turbo.decode_scaled(data, (20, 15), 0.5) is None
+    assert jpeg_turbo.jpeg_size(encode(photo().convert("CMYK"))) is None  # CMYK: PIL's turn
 
 
 @pytest.mark.skipif(not HAVE_SIMPLEJPEG, reason="simplejpeg is not installed")
@@ -160,14 +161,14 @@ def test_jpeg_fast_path_checks_the_pixel_limit_and_picks_the_crop_once(monkeypat
         return (10, 10, 110, 90)
 
     # Plain JPEGs never reach PIL: simplejpeg's header gives the size the crop is chosen from.
-    monkeypatch.setattr(decoding, "open_image_bytes", lambda *a: pytest.fail("PIL opened a plain JPEG"))
+    monkeypatch.setattr(decoding, "open_image", lambda *a: pytest.fail("PIL opened a plain JPEG"))
     pixels = decode_image("k", data, draft_size=40, tensor_ok=True, crop_for=crop_for)
     assert sizes == [(200, 150)] and tuple(pixels.shape) == (3, 40, 50)  # 100x80 box at 4/8
     monkeypatch.undo()
     # A header claiming a decompression bomb is refused before any decoding.
     sof = data.index(b"\xff\xc0")
     bomb = data[: sof + 5] + (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big") + data[sof + 9 :]
-    with pytest.raises(BadImageError, match="bad_size"):
+    with pytest.raises(BadImageError, match="too_many_pixels"):  # images.check_pixel_count's name
         decode_image("bomb.jpg", bomb, draft_size=None, tensor_ok=True)
 
 
@@ -175,15 +176,14 @@ def test_module_imports_and_decodes_without_simplejpeg(monkeypatch):
     data = encode(photo())
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # makes `import simplejpeg` fail
     try:
-        module = importlib.reload(decoding)
+        module = importlib.reload(jpeg_turbo)
         assert module.simplejpeg is None
-        with open_image_bytes("k", data) as img:
-            pixels = module.decode_pixels("k", img, data, None, draft_size=96, tensor_ok=True)
+        pixels = decode_image("k", data, draft_size=96, tensor_ok=True)
         assert tuple(pixels.shape) == (3, 150, 200)
     finally:
         monkeypatch.undo()
-        importlib.reload(decoding)
-    assert decoding.simplejpeg is not None or not HAVE_SIMPLEJPEG
+        importlib.reload(jpeg_turbo)
+    assert jpeg_turbo.simplejpeg is not None or not HAVE_SIMPLEJPEG
 
 
 def test_transparent_png_is_composited_over_white():
@@ -192,11 +192,19 @@ def test_transparent_png_is_composited_over_white():
 
     from PIL import Image
 
-    from vgclip.data.decoding import decode_pixels, open_image_bytes
-
     buf = io.BytesIO()
     Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(buf, format="PNG")
-    data = buf.getvalue()
-    with open_image_bytes("clear.png", data) as img:
-        out = decode_pixels("clear.png", img, data, None, draft_size=None, tensor_ok=False)
+    out = decode_image("clear.png", buf.getvalue(), draft_size=None, tensor_ok=False)
     assert out.mode == "RGB" and out.getpixel((5, 5)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("box", [None, *BOXES])
+def test_fast_decode_off_gives_the_same_pictures(box):
+    """`data.fast_decode=false` (full-size PIL) sees what the speed paths give, within the same tolerance."""
+    data = encode(photo(seed=2))
+    transform = build_image_transform(32, train=False)
+    fast = decode(data, crop=box, draft_size=transform.draft_size)
+    plain = decode(data, crop=box, draft_size=transform.draft_size, fast=False)
+    assert tuple(plain.shape[1:]) == ((150, 200) if box is None else (box[3] - box[1], box[2] - box[0]))
+    assert mean_abs(transform.pixels(fast), transform.pixels(plain)) < (3 if box is None else CROP_TOLERANCE)
+    assert torch.equal(transform.pixels(plain), transform.pixels(reference(data, box)))

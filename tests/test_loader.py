@@ -218,21 +218,18 @@ def test_combine_joins_distinct_phrases(tmp_path):
     assert join_phrases(["a dog"]) == "a dog."
 
 
-def pil_only_transform(img: Image.Image) -> torch.Tensor:
-    """A plain PIL transform (no uint8 tensor input): exercises the loader's PIL decode path."""
-    return torch.from_numpy(np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.float32) / 255).permute(2, 0, 1)
-
-
-@pytest.mark.parametrize("transform", [EVAL_32, pil_only_transform, build_image_transform(8, (0, 0, 0), (1, 1, 1))],
+@pytest.mark.parametrize(("transform", "fast"), [(EVAL_32, True), (EVAL_32, False),
+                                                  (build_image_transform(8, (0, 0, 0), (1, 1, 1)), True)],
                          ids=["tensor-decode", "pil-decode", "draft-decode"])
-def test_region_crops_to_box_and_skips_small_regions(tmp_path, transform):
+def test_region_crops_to_box_and_skips_small_regions(tmp_path, transform, fast):
     regions = [
         {"phrase": "tiny dot", "box": [0, 0, 5, 5]},
         {"phrase": "red square", "box": [8, 8, 32, 32]},
     ]
     meta = json.dumps({"image_id": 0, "width": 64, "height": 48, "regions": regions}).encode()
     write_split(tmp_path, "train", [4], extra={i: {"jpg": jpeg(rect=(8, 8, 40, 40)), "json": meta} for i in range(4)})
-    loader = make_loader(tmp_path, "train", cfg(pairing="region", region_margin=0.0, region_min_size=16), transform,
+    loader = make_loader(tmp_path, "train", cfg(pairing="region", region_margin=0.0, region_min_size=16,
+                                                fast_decode=fast), transform,
                          CharTokenizer(), train=False, seed=0)
     (images, texts), = collect(loader)
     assert texts == ["red square"] * 4

@@ -6,11 +6,12 @@ bad file in a dataset is a counted skip rather than a crash inside a worker proc
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 from vgclip.errors import VgclipError
 
@@ -39,6 +40,53 @@ class BadImageError(VgclipError):
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
+def check_pixel_count(name: str | Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse an image from its header's (width, height) alone, before anything is decoded."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise BadImageError(name, "zero_size", f"{width}x{height}")
+    if width * height > max_pixels:
+        raise BadImageError(name, "too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+
+
+def open_image(source: str | Path | bytes, name: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (not decode) a file or bytes as an image of an allowed format within the pixel limit.
+
+    The format is sniffed from the bytes, never taken from a file name. Decode with `load_image`.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; make it an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(name, "too_many_pixels", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
+        raise BadImageError(name, "not_an_image", str(exc)) from None
+    try:
+        check_pixel_count(name, img.size, max_pixels)
+    except BadImageError:
+        img.close()
+        raise
+    return img
+
+
+def load_image(img: Image.Image, name: str | Path) -> None:
+    """Decode the pixels of an opened image; truncated or corrupt data becomes `BadImageError`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(name, "too_many_pixels", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncation as OSError("image file is truncated ...") or a broken data
+        # stream; both mean the file is incomplete.
+        message = str(exc).lower()
+        reason = "truncated" if "truncat" in message or "broken" in message else "decode_error"
+        raise BadImageError(name, reason, str(exc)) from None
+
+
 def open_image_checked(
     path: str | Path,
     expected_size: tuple[int, int] | None = None,
@@ -62,45 +110,23 @@ def open_image_checked(
         raise BadImageError(path, "missing_file") from None
     except OSError as exc:
         raise BadImageError(path, "unreadable", str(exc)) from None
-    with warnings.catch_warnings():
-        # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; make it an error too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path, formats=ALLOWED_FORMATS) as img:
-                notes = _check_header(img, path, expected_size, max_pixels, size_factor)
-                if draft_size is not None and img.format == "JPEG":
-                    img.draft("RGB", draft_size)
-                img.load()
-                rgb = to_rgb(img)
-        except BadImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadImageError(path, "too_many_pixels", str(exc)) from None
-        except UnidentifiedImageError:
-            raise BadImageError(path, "not_an_image") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            # Pillow reports truncation as OSError("image file is truncated ...") or a broken
-            # data stream; both mean the file is incomplete.
-            message = str(exc).lower()
-            reason = "truncated" if "truncat" in message or "broken" in message else "decode_error"
-            raise BadImageError(path, reason, str(exc)) from None
+    try:
+        with open_image(path, path, max_pixels) as img:
+            notes = _check_expected(img, path, expected_size, size_factor)
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", draft_size)
+            load_image(img, path)
+            rgb = to_rgb(img)
+    except OSError as exc:  # the file changed or vanished between the checks and the read
+        raise BadImageError(path, "unreadable", str(exc)) from None
     rgb.info["vgclip_notes"] = notes
     return rgb
 
 
-def _check_header(
-    img: Image.Image,
-    path: Path,
-    expected_size: tuple[int, int] | None,
-    max_pixels: int,
-    size_factor: float,
-) -> list[str]:
-    """Refuse oversize images from the header alone (before decoding); return format notes."""
+def _check_expected(img: Image.Image, path: Path, expected_size: tuple[int, int] | None,
+                    size_factor: float) -> list[str]:
+    """Refuse an image far larger than its metadata says (from the header); return format notes."""
     width, height = img.size
-    if width <= 0 or height <= 0:
-        raise BadImageError(path, "zero_size")
-    if width * height > max_pixels:
-        raise BadImageError(path, "too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
     if expected_size is not None:
         exp_w, exp_h = expected_size
         if exp_w > 0 and exp_h > 0 and width * height > size_factor * exp_w * exp_h:

@@ -6,8 +6,11 @@ float: the same picture as RandomResizedCrop / Resize + CenterCrop + ToTensor + 
 images (the centre crop may sit a fraction of a pixel apart: a few grey levels), at a fraction of
 the cost, which matters because decoding and transforms are the loader's bottleneck.
 
-The transform objects also say how small an image they can take without upsampling
-(`draft_size`), so the loader can let the JPEG decoder downscale while decoding (PIL `draft`).
+`PixelTransform` is the contract between a transform and the loaders (the shard loader, the LiT
+feature cache, the zero-shot image list): how small an image it can take without upsampling
+(`draft_size`, so the JPEG decoder may downscale while decoding), the per-image uint8 part
+(`pixels`, which also takes uint8 (3, H, W) tensors and lets the caller decide the flip) and the
+per-batch float part (`normalize`). `ImageTransform` implements it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,17 +33,34 @@ TRAIN_SCALE = (0.5, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
 
 
+@runtime_checkable
+class PixelTransform(Protocol):
+    """What the loaders need of an image transform; `transform(image) == normalize(pixels(image))`."""
+
+    # Smallest shorter side (px) the transform takes without upsampling: the decoder may shrink to it.
+    draft_size: int
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor: ...
+
+    def pixels(self, image: Image.Image | torch.Tensor, flip: bool | None = None) -> torch.Tensor:
+        """PIL image or uint8 (3, H, W) tensor -> uint8 (3, S, S); `flip=None`: the transform decides."""
+        ...
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, S, S) -> the float model input, on the pixels' device."""
+        ...
+
+
 class ImageTransform:
     """PIL image -> normalised float tensor (3, image_size, image_size), channels-last in memory
-    (batch with `stack_images`; `.contiguous()` for a planar copy). Picklable (used in workers)."""
+    (batch with `stack_images`; `.contiguous()` for a planar copy). Picklable (used in workers).
+    Implements `PixelTransform`."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> None:
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.image_size = int(image_size)
         self.train = bool(train)
-        self.accepts_uint8_tensors = True  # `pixels` takes uint8 (3, H, W) tensors as well as PIL
-        self.accepts_flip = True  # `pixels(..., flip=)` lets the caller decide the flip
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         # Smallest shorter side the transform can take without upsampling: a train crop may cover
@@ -49,7 +70,7 @@ class ImageTransform:
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return self.normalize(self.pixels(image))
 
     def pixels(self, image: Image.Image | torch.Tensor, flip: bool | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from defusedxml import ElementTree as SafeET
 from PIL import Image
 
 from vgclip.data.decoding import decode_image
-from vgclip.data.transforms import stack_images
+from vgclip.data.transforms import PixelTransform, stack_images
 from vgclip.errors import VgclipError
 from vgclip.names import check_unique, looks_like_list_file, read_name_file, split_comma_list
 
@@ -311,26 +311,29 @@ class ImageListDataset(torch.utils.data.Dataset):
     """Images by path, transformed; a bad file yields (index, None, reason) instead of killing the worker.
 
     Images are opened as the training loader opens shard images (`vgclip.data.decoding`: allowed
-    formats only, pixel limit checked before decoding) and decoded as cheaply as the transform
-    allows (JPEG DCT scaling when the image is much larger than the model input).
+    formats only, pixel limit checked before decoding). A `PixelTransform` (vgclip's) gets them
+    decoded as cheaply as it allows (JPEG DCT scaling when the image is much larger than the model
+    input); any other callable (e.g. a torchvision pipeline) gets a full-size RGB PIL image.
     """
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, paths: Sequence[Path], transform: PixelTransform | Callable[[Image.Image], torch.Tensor],
+                 fast_decode: bool = True) -> None:
         self.paths = list(paths)
         self.transform = transform
-        self.draft_size = getattr(transform, "draft_size", None)
-        self.tensor_ok = bool(getattr(transform, "accepts_uint8_tensors", False))
+        self.fast_decode = fast_decode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         path = Path(self.paths[index])
+        ours = isinstance(self.transform, PixelTransform)
         try:
             data = path.read_bytes()
             if not data:
                 raise VgclipError(f"{path}: empty file")
-            pixels = decode_image(str(path), data, draft_size=self.draft_size, tensor_ok=self.tensor_ok)
+            pixels = decode_image(str(path), data, draft_size=self.transform.draft_size if ours else None,
+                                  tensor_ok=ours, fast=self.fast_decode)
             return index, self.transform(pixels), ""
         except VgclipError as exc:
             return index, None, str(exc)
