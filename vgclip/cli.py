@@ -14,6 +14,7 @@ from vgclip.errors import VgclipError
 
 COMMANDS = (
     "synth",
+    "download",
     "prepare",
     "train",
     "zeroshot",
