@@ -183,6 +183,11 @@ def test_readable_names(tmp_path: Path) -> None:
     path.write_text("- a list\n")
     with pytest.raises(VgclipError, match="names.yaml"):
         load_name_overrides(path)
+    path.write_text("traffic light: traffic signal\n'no': a no-entry sign\n")
+    assert load_name_overrides(path) == {"traffic light": "traffic signal", "no": "a no-entry sign"}
+    path.write_text("no: a no-entry sign\n")  # YAML 1.1 reads a bare `no` as False
+    with pytest.raises(VgclipError, match="names.yaml: YAML reads key False as bool.*quote"):
+        load_name_overrides(path)
 
 
 def test_cli_with_tiny_real_model(synth_voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
