@@ -19,7 +19,9 @@ COMMANDS = (
     "train",
     "zeroshot",
     "predict",
+    "export",
     "demo",
+    "serve",
 )
 
 

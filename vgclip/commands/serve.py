@@ -1,0 +1,47 @@
+"""`vgclip serve`: a web app (tag images, tune thresholds) and a JSON API on a trained run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `vgclip serve`."""
+    p = subparsers.add_parser(
+        "serve",
+        help="web app and JSON API: tag images, tune thresholds on a zero-shot report",
+        description="Serve a trained run on http://HOST:PORT/: the tag page (/), the threshold page (/thresholds, "
+        "with --report) and the JSON API (/api/..., documented at /docs). Needs `pip install 'vgclip[serve]'`.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="run folder (or its model.safetensors)")
+    p.add_argument("--report", type=Path, help="a `vgclip zeroshot` output folder for the threshold page")
+    p.add_argument("--thresholds", type=Path, help="thresholds.json for the default labels and thresholds "
+                   "(default: the report's thresholds.json)")  # fmt: skip
+    p.add_argument("--voc-root", type=Path, help="VOC folder of the report's images (default: the one it names)")
+    p.add_argument("--save-thresholds", type=Path,
+                   help="where 'Save thresholds' writes (default: REPORT/saved/thresholds.json)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MiB)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (pixels) accepted")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the run once, then serve until Ctrl-C."""
+    try:
+        from vgclip.serve.startup import ServeSetup, build_app, serve
+    except ImportError as exc:
+        from vgclip.errors import VgclipError
+
+        raise VgclipError(f"serving needs FastAPI and uvicorn: pip install 'vgclip[serve]' ({exc})") from None
+    setup = ServeSetup(args.checkpoint, args.report, args.thresholds, args.voc_root, args.save_thresholds,
+                       args.device, args.max_upload_mb, args.max_pixels, batch_wait_ms=args.batch_wait_ms)  # fmt: skip
+    app = build_app(setup)
+    print(f"vgclip serve: open http://{args.host}:{args.port}/ (threshold page: /thresholds, API docs: /docs); "
+          "Ctrl-C stops", flush=True)  # fmt: skip
+    serve(app, args.host, args.port)
+    return 0

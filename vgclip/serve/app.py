@@ -1,0 +1,271 @@
+"""The `vgclip serve` web application: the tag page, the threshold page and the JSON API they use.
+
+`create_app(engine, options, report)` builds the FastAPI app around an already loaded `ScoringEngine`
+(the model loads once, before the server accepts a request). Every script and style the pages use is
+served from `vgclip/serve/static` (no CDN: the page works offline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from vgclip.data.images import BadImageError
+from vgclip.errors import VgclipError
+from vgclip.serve.engine import ImageTooLargeError, ScoringEngine, decode_upload, predicted_set
+from vgclip.serve.report import ReportData
+
+STATIC = Path(__file__).resolve().parent / "static"
+SCORE_KINDS = ("softmax", "sigmoid", "cosine")
+TEMPLATE_SETS = ("single", "ensemble")
+MAX_LABELS = 200
+
+
+@dataclass
+class ServeOptions:
+    """Start-time choices: default labels and thresholds, request limits."""
+
+    labels: list[str]
+    score: str
+    templates: str
+    thresholds: dict[str, float] | None = None  # per default label, from a thresholds file
+    class_texts: dict[str, str] | None = None
+    labels_source: str = "the 20 VOC classes"
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_images: int = 64
+    max_pixels: int = 40_000_000
+    info: dict[str, Any] = field(default_factory=dict)  # shown by /api/health (checkpoint, device)
+
+
+class TuneRequest(BaseModel):
+    """Move the thresholds to a tuned objective: accuracy, youden, f1, sensitivity:T, specificity:T."""
+
+    objective: str = "f1"
+    mode: str = "global"
+
+
+class SaveRequest(BaseModel):
+    """The page's current thresholds, to be written as thresholds.json."""
+
+    mode: str = "global"
+    global_threshold: float
+    per_class: dict[str, float] = {}
+    objective: str = "manual"
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (Linux /proc), for the health check and the load test."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def parse_labels(text: str) -> list[str]:
+    """Labels from the form: comma-separated or one per line; 422 when empty or repeated."""
+    names = [n.strip() for line in text.splitlines() for n in line.split(",") if n.strip()]
+    if not names:
+        raise HTTPException(422, "the label list is empty: give labels separated by commas or one per line")
+    if len(set(names)) != len(names):
+        raise HTTPException(422, f"labels repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    if len(names) > MAX_LABELS:
+        raise HTTPException(422, f"at most {MAX_LABELS} labels per request, got {len(names)}")
+    return names
+
+
+def parse_thresholds(text: str | None, labels: list[str], options: ServeOptions) -> list[float] | None:
+    """A number (global), a JSON object label -> value, or nothing: the start-time thresholds when they
+    cover every label, else none (then the top label is predicted, as `vgclip predict` does)."""
+    if text is None or not text.strip():
+        known = options.thresholds or {}
+        return [known[lab] for lab in labels] if known and all(lab in known for lab in labels) else None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise HTTPException(422, f"thresholds must be a number or a JSON object label -> number, got {text[:80]!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        values = [float(value)] * len(labels)
+    elif isinstance(value, dict):
+        missing = [lab for lab in labels if lab not in value]
+        if missing:
+            raise HTTPException(422, f"thresholds miss labels: {', '.join(missing)}")
+        values = [value[lab] for lab in labels]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise HTTPException(422, "every threshold must be a number")
+    else:
+        raise HTTPException(422, "thresholds must be a number or a JSON object label -> number")
+    if not all(math.isfinite(v) for v in values):
+        raise HTTPException(422, "thresholds must be finite numbers")
+    return [float(v) for v in values]
+
+
+def _choice(value: str | None, default: str, allowed: tuple[str, ...], name: str) -> str:
+    value = (value or "").strip() or default
+    if value not in allowed:
+        raise HTTPException(422, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+async def read_images(files: list[UploadFile], engine: ScoringEngine, options: ServeOptions) -> list[Any]:
+    """Decode and transform every upload (in worker threads); 413 for a bomb, 415 naming a non-image."""
+    if not files:
+        raise HTTPException(422, "no image uploaded (multipart field 'images')")
+    if len(files) > options.max_images:
+        raise HTTPException(413, f"at most {options.max_images} images per request, got {len(files)}")
+    tensors = []
+    for index, upload in enumerate(files):
+        name = upload.filename or f"image {index + 1}"
+        data = await upload.read()
+        try:
+            tensors.append(await run_in_threadpool(decode_upload, name, data, engine.transform, options.max_pixels))
+        except ImageTooLargeError as exc:
+            raise HTTPException(413, f"{exc}") from None
+        except BadImageError as exc:
+            raise HTTPException(415, f"{name} is not a usable image ({exc.reason})") from None
+    return tensors
+
+
+class BodyLimit:
+    """ASGI middleware: a POST must say its length (411 otherwise) and stay within the upload limit (413)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            if length is None or not length.isdigit():
+                return await JSONResponse({"detail": "a request body needs a Content-Length"}, 411)(scope, receive, send)
+            if int(length) > self.max_bytes:
+                detail = f"upload of {int(length)} bytes is over the limit of {self.max_bytes} bytes"
+                return await JSONResponse({"detail": detail}, 413)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData | None = None) -> FastAPI:
+    """The web app: pages at / and /thresholds, the JSON API under /api, OpenAPI docs at /docs."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await engine.close()
+
+    app = FastAPI(title="vgclip serve", lifespan=lifespan,
+                  description="Zero-shot multi-label tagging with a trained vgclip run, and threshold tuning on a "
+                              "`vgclip zeroshot` report.")  # fmt: skip
+    app.add_middleware(BodyLimit, max_bytes=options.max_upload_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    started = time.monotonic()
+
+    @app.get("/", include_in_schema=False)
+    def tag_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/thresholds", include_in_schema=False)
+    def threshold_page() -> FileResponse:
+        return FileResponse(STATIC / "thresholds.html")
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        """Liveness, the loaded run, batching counters and this process's resident memory."""
+        return {"status": "ok", **options.info, "uptime_s": round(time.monotonic() - started, 1),
+                "batches": engine.batcher.batches, "batched_images": engine.batcher.images,
+                "text_builds": engine.text_builds,
+                "rss_bytes": rss_bytes(), "report": report is not None}  # fmt: skip
+
+    @app.get("/api/labels")
+    def labels() -> dict[str, Any]:
+        """The default label list, score kind, templates and thresholds (from the start-time thresholds file)."""
+        return {"labels": options.labels, "source": options.labels_source, "score": options.score,
+                "templates": options.templates, "thresholds": options.thresholds,
+                "score_kinds": list(SCORE_KINDS), "template_sets": list(TEMPLATE_SETS)}  # fmt: skip
+
+    @app.post("/api/predict")
+    async def predict(images: list[UploadFile] = File(..., description="one or more image files"),
+                      labels: str = Form(..., description="labels, comma-separated or one per line"),
+                      score: str | None = Form(None, description="softmax, sigmoid or cosine"),
+                      templates: str | None = Form(None, description="single or ensemble"),
+                      thresholds: str | None = Form(None, description="a number, or JSON {label: threshold}"),
+                      ) -> dict[str, Any]:  # fmt: skip
+        """Per image: every label's score and the predicted set (score >= threshold, else the top label)."""
+        from vgclip.eval.prompts import readable_name
+
+        import torch
+
+        names = parse_labels(labels)
+        kind = _choice(score, options.score, SCORE_KINDS, "score")
+        prompts = _choice(templates, options.templates, TEMPLATE_SETS, "templates")
+        limits = parse_thresholds(thresholds, names, options)
+        tensors = await read_images(images, engine, options)
+        texts = [readable_name(n, options.class_texts) for n in names]
+        scores = await engine.score(torch.stack(tensors), texts, kind, prompts)
+        results = [{"image": f.filename, "scores": dict(zip(names, map(float, row))),
+                    "predicted": predicted_set(names, row, limits)} for f, row in zip(images, scores)]  # fmt: skip
+        return {"labels": names, "score": kind, "templates": prompts,
+                "thresholds": dict(zip(names, limits)) if limits else None, "results": results}  # fmt: skip
+
+    add_report_routes(app, report)
+    return app
+
+
+def add_report_routes(app: FastAPI, report: ReportData | None) -> None:
+    """The threshold page's API: the report's scores, tuning, saving and the gallery images."""
+    from vgclip.serve import report as rep
+
+    def need() -> ReportData:
+        if report is None:
+            raise HTTPException(404, "no report: start `vgclip serve` with --report REPORT_DIR (a `vgclip zeroshot` output)")
+        return report
+
+    @app.get("/api/report")
+    def report_data() -> dict[str, Any]:
+        """Scores, labels, tuned thresholds and the threshold curve of the report's evaluated split."""
+        if report is None:
+            return {"available": False, "reason": "start `vgclip serve` with --report REPORT_DIR"}
+        return rep.page_data(report)
+
+    @app.post("/api/report/tune")
+    def tune(body: TuneRequest) -> dict[str, Any]:
+        """Thresholds that maximise an objective on the report's split (global or per class)."""
+        try:
+            return rep.tune_on_report(need(), body.objective, body.mode)
+        except VgclipError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.post("/api/report/thresholds")
+    def save(body: SaveRequest) -> dict[str, Any]:
+        """Write the given thresholds as thresholds.json (atomically) to the path fixed at start."""
+        data = need()
+        try:
+            info = rep.thresholds_to_save(data, body.mode, body.global_threshold, body.per_class, body.objective)
+            path = rep.save(data, info)
+        except VgclipError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"path": str(path), "thresholds": info}
+
+    @app.get("/api/report/images/{image_id}")
+    async def image(image_id: str) -> Response:
+        """A thumbnail of an evaluated image, by its id in the report (nothing else is served)."""
+        path = need().images.get(image_id)
+        if path is None:
+            raise HTTPException(404, f"no image {image_id!r} in the report")
+        try:
+            data = await run_in_threadpool(rep.thumbnail_jpeg, path)
+        except BadImageError as exc:
+            raise HTTPException(404, f"image {image_id!r} cannot be read ({exc.reason})") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
