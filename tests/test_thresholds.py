@@ -96,14 +96,15 @@ def test_tune_per_class_and_global_with_fallback() -> None:
 
 def test_json_round_trip_and_bad_files(tmp_path: Path) -> None:
     info = tune_thresholds(np.array([[0.2, 0.9], [0.8, 0.1]]), np.array([[0, 1], [1, 0]]),
-                           np.ones((2, 2), bool), ["cat", "dog"], "per_class", "accuracy")  # fmt: skip
+                           np.ones((2, 2), bool), ["traffic light", "dog"], "per_class", "accuracy")  # fmt: skip
     path = tmp_path / "thresholds.json"
     save_thresholds(info, path)
     loaded = load_thresholds(path)
-    assert loaded["per_class"] == info["per_class"]
-    np.testing.assert_allclose(threshold_vector(loaded, ["dog", "cat"]), [info["per_class"]["dog"], info["per_class"]["cat"]])
-    with pytest.raises(VgclipError, match="no value for bird"):
-        threshold_vector(loaded, ["cat", "bird"])
+    assert loaded["per_class"] == info["per_class"] and list(loaded["per_class"]) == ["traffic light", "dog"]
+    np.testing.assert_allclose(threshold_vector(loaded, ["dog", "traffic light"]),
+                               [info["per_class"]["dog"], info["per_class"]["traffic light"]])  # fmt: skip
+    with pytest.raises(VgclipError, match="no value for 'traffic' .*tuned classes: 'traffic light', 'dog'"):
+        threshold_vector(loaded, ["traffic", "dog"])  # a name cut at its first space
     (tmp_path / "bad.json").write_text(json.dumps({"mode": "global"}))
     with pytest.raises(VgclipError, match="not a vgclip thresholds file"):
         load_thresholds(tmp_path / "bad.json")

@@ -135,7 +135,8 @@ def threshold_vector(info: dict[str, Any], classes: Sequence[str]) -> np.ndarray
         return np.full(len(classes), float(info["global"]))
     missing = [c for c in classes if c not in info["per_class"]]
     if missing:
-        raise VgclipError(f"thresholds have no value for {', '.join(missing)} (tuned classes: {', '.join(info['per_class'])})")
+        quoted = ", ".join(map(repr, missing))  # quoted: names may hold spaces or commas
+        raise VgclipError(f"thresholds have no value for {quoted} (tuned classes: {', '.join(map(repr, info['per_class']))})")
     return np.array([float(info["per_class"][c]) for c in classes])
 
 
