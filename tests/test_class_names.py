@@ -66,7 +66,8 @@ def _write_voc(root: Path) -> Path:
 
 def _xml_labels(xml: Path) -> tuple[set[str], set[str]]:
     """(positive names, difficult-only names) of one image, parsed independently of vgclip."""
-    objs = [(o.findtext("name").strip(), o.findtext("difficult") == "1") for o in ET.parse(xml).getroot().iter("object")]
+    root = ET.parse(xml).getroot()
+    objs = [(o.findtext("name").strip(), o.findtext("difficult") == "1") for o in root.iter("object")]
     easy = {n for n, hard in objs if not hard}
     return easy, {n for n, hard in objs if hard} - easy
 
@@ -101,7 +102,8 @@ def test_class_list_and_labels_match_an_independent_parse(case: dict[str, Path])
     assert data.class_images["traffic light"] == 3  # t3's difficult one counts as a use of the name
 
 
-def test_zeroshot_report_thresholds_and_predict_round_trip(case: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+def test_zeroshot_report_thresholds_and_predict_round_trip(case: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     out = case["root"] / "report"
     argv = ["zeroshot", "--checkpoint", str(case["run"]), "--voc-root", str(case["voc"]), "--out", str(out),
             "--classes", str(case["classes"]), "--class-names", str(case["names"]), "--workers", "0"]  # fmt: skip

@@ -113,9 +113,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     for c in s["classes"]:
         n = report["counts"][c]
-        lines.append(f"| {_cell(c)} | {_cell(s['class_texts'][c])} | {_f(report['AP'][c])} | {_f(report['AP_voc07_11pt'][c])} | "
-                     f"{_f(report['roc_auc'][c])} | {_f(report['chance'][c])} | {n['positives']} | "
-                     f"{n['negatives']} | {n['ignored']} |")  # fmt: skip
+        lines.append(f"| {_cell(c)} | {_cell(s['class_texts'][c])} | {_f(report['AP'][c])} | "
+                     f"{_f(report['AP_voc07_11pt'][c])} | {_f(report['roc_auc'][c])} | {_f(report['chance'][c])} | "
+                     f"{n['positives']} | {n['negatives']} | {n['ignored']} |")  # fmt: skip
     if report["undefined_classes"]:
         lines += ["", f"Classes with no positives (left out of the means): {', '.join(report['undefined_classes'])}"]
     if report["unused_classes"]:

@@ -135,8 +135,9 @@ def threshold_vector(info: dict[str, Any], classes: Sequence[str]) -> np.ndarray
         return np.full(len(classes), float(info["global"]))
     missing = [c for c in classes if c not in info["per_class"]]
     if missing:
-        quoted = ", ".join(map(repr, missing))  # quoted: names may hold spaces or commas
-        raise VgclipError(f"thresholds have no value for {quoted} (tuned classes: {', '.join(map(repr, info['per_class']))})")
+        # Quoted: names may hold spaces or commas.
+        quoted, tuned = ", ".join(map(repr, missing)), ", ".join(map(repr, info["per_class"]))
+        raise VgclipError(f"thresholds have no value for {quoted} (tuned classes: {tuned})")
     return np.array([float(info["per_class"][c]) for c in classes])
 
 
