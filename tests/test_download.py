@@ -321,6 +321,26 @@ def test_interrupted_extraction_is_completed_by_the_rerun(built, server, tmp_pat
     assert load_voc(tmp_path / "data", "test").image_ids == load_voc(built["root"] / "voc", "test").image_ids
 
 
+def test_install_interrupted_before_its_markers_is_finished_by_the_rerun(built, server, tmp_path, monkeypatch):
+    source = vg_source(server, built["files"])
+    real = install.atomic_write_text
+
+    def crash_on_marker(path, text):
+        if Path(path).parent.name == "installed":
+            raise KeyboardInterrupt  # every path is renamed into place, no archive is marked installed yet
+        real(path, text)
+
+    monkeypatch.setattr(install, "atomic_write_text", crash_on_marker)
+    with pytest.raises(KeyboardInterrupt):
+        download_dataset(source, tmp_path, DownloadOptions(fetch=FAST))
+    assert (tmp_path / "VG_100K").is_dir() and not (tmp_path / WORK_DIR / "installed").exists()
+    monkeypatch.setattr(install, "atomic_write_text", real)
+    fetched = len(server.requests)
+    result = download_dataset(source, tmp_path, DownloadOptions(fetch=FAST))  # the paths are its own: no refusal
+    assert len(result.installed) == 4 and len(server.requests) == fetched
+    assert len(_vg_records(tmp_path)) == 10
+
+
 def test_http_error_names_the_url_and_suggests_a_mirror(built, server, tmp_path):
     source = vg_source(server, built["files"])
     missing = replace(source.archives[2], url=server.url("moved/image_data.json.zip"))

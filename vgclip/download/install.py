@@ -87,7 +87,7 @@ def download_dataset(source: DatasetSource, out_dir: str | Path, options: Downlo
             result.downloaded.append(archive.filename)
     for archive in pending:
         _extract(archive, archive_dir / archive.filename, stage, options)
-    _install(pending, paths, stage, out_dir, journal)
+    _install(pending, paths, stage, out_dir, journal, options.mirror)
     result.installed = [a.filename for a in pending]
     shutil.rmtree(stage)
     if not options.keep_archives:
@@ -160,7 +160,8 @@ def _extract(archive: Archive, path: Path, stage: Path, options: DownloadOptions
     done.touch()
 
 
-def _install(pending: list[Archive], paths: list[str], stage: Path, out_dir: Path, journal: Path) -> None:
+def _install(pending: list[Archive], paths: list[str], stage: Path, out_dir: Path, journal: Path,
+             mirror: str | None) -> None:
     """Rename each staged path into `out_dir`, then write the markers; the journal makes this rerunnable."""
     atomic_write_text(journal, json.dumps({"paths": paths}))
     for rel in paths:
@@ -171,8 +172,8 @@ def _install(pending: list[Archive], paths: list[str], stage: Path, out_dir: Pat
         elif not dst.exists():
             raise VgclipError(f"{src}: missing from the staging folder; delete {stage} and rerun")
     for archive in pending:
-        record = {"filename": archive.filename, "url": archive.url, "size": archive.size, "md5": archive.md5,
-                  "sha256": archive.sha256, "provides": list(archive.provides),
+        record = {"filename": archive.filename, "url": archive.url_from(mirror), "size": archive.size,
+                  "md5": archive.md5, "sha256": archive.sha256, "provides": list(archive.provides),
                   "installed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_text(installed_marker(out_dir, archive), json.dumps(record, indent=1) + "\n")
     journal.unlink()
