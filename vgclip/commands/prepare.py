@@ -3,6 +3,10 @@
 Writes SHARDS/{train,val}/shard-NNNNNN.tar and SHARDS/manifest.json (docs/design.md). Rerunning
 with the same arguments resumes: complete shards are kept, partial ones rewritten.
 
+No usable image at all (e.g. --vg-root without its image folders) is an error: nothing is written.
+--format tfrecord writes the same samples as TFRecord files for other tools; `vgclip train` reads
+webdataset shards only.
+
 Split: image keys are ordered by a seeded stable hash; the first --train-images go to train, the
 next --val-images to val. With fewer usable images than requested, both shrink in proportion to
 the requested ratio (10:1 for the defaults), with at least one val image.
@@ -29,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes writing shards")
     p.add_argument("--format", choices=("webdataset", "tfrecord"), default="webdataset",
-                   help="tfrecord needs the 'tfrecord' package")
+                   help="tfrecord is an export format for other tools (needs the 'tfrecord' package): "
+                        "vgclip trains and evaluates from webdataset shards only")
     p.add_argument("--train-images", type=int, default=80_000)
     p.add_argument("--val-images", type=int, default=8_000)
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split hash")
@@ -73,10 +78,15 @@ def _source(args: argparse.Namespace, cleaning, skips):
     from vgclip.errors import VgclipError
 
     if args.vg_root is not None:
-        return iter_vg_records(args.vg_root, cleaning, skips), {"source": "vg", "vg_root": str(args.vg_root)}
+        return iter_vg_records(args.vg_root, cleaning, skips), {
+            "source": "vg", "vg_root": str(args.vg_root),
+            "images_expected": f"<image id>.jpg in {args.vg_root / 'VG_100K'} or {args.vg_root / 'VG_100K_2'}"}
     if args.coco_captions is not None:
         if args.coco_images is None:
             raise VgclipError("--coco-captions needs --coco-images DIR")
         return (iter_coco_records(args.coco_captions, args.coco_images, cleaning, skips),
-                {"source": "coco", "coco_captions": str(args.coco_captions), "coco_images": str(args.coco_images)})
-    return iter_csv_records(args.captions_csv, cleaning, skips), {"source": "csv", "captions_csv": str(args.captions_csv)}
+                {"source": "coco", "coco_captions": str(args.coco_captions), "coco_images": str(args.coco_images),
+                 "images_expected": f"the file_name of each image of {args.coco_captions} in {args.coco_images}"})
+    return iter_csv_records(args.captions_csv, cleaning, skips), {
+        "source": "csv", "captions_csv": str(args.captions_csv),
+        "images_expected": f"the paths of {args.captions_csv}, relative to {args.captions_csv.parent}"}

@@ -50,10 +50,17 @@ def parse_pairing(spec: str) -> Pairing:
     raise ConfigError(f"data.pairing={spec!r}: expected 'single', 'combine:K' (K >= 1, e.g. combine:3) or 'region'")
 
 
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of `text`, the same in every process and on every machine (unlike hash() of a str).
+
+    The loader's seeds and `vgclip prepare`'s train/val split both come from it.
+    """
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
 def stable_seed(*parts: object) -> int:
-    """A 64-bit seed from `parts` that is the same in every process (unlike hash() of a str)."""
-    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    """A 64-bit seed from `parts` (their repr), the same in every process."""
+    return stable_hash(repr(parts))
 
 
 def metadata_problem(meta: Any) -> str | None:

@@ -158,13 +158,32 @@ def open_shard(location: Shard) -> Iterator[BinaryIO]:
                 raise FileNotFoundError(f"{text}: HTTP 404") from None
             raise OSError(f"{text}: HTTP {exc.code}") from None
         with response:
-            yield response
+            yield _WholeResponse(response)
     elif _URL.match(text):
         with _fsspec_open(text) as stream:
             yield stream
     else:
         with open(text, "rb") as stream:
             yield stream
+
+
+class _WholeResponse:
+    """An HTTP response body that raises IncompleteRead when the connection ends before
+    Content-Length bytes (http.client then just returns short reads, which would look like a tar
+    that stops between members)."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.response = response
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.response.read(size)
+        remaining = self.response.length  # None: no Content-Length (chunked), nothing to check
+        if remaining and (not data or size < 0):
+            raise http.client.IncompleteRead(data, remaining)
+        return data
+
+    def seekable(self) -> bool:
+        return False
 
 
 @contextmanager

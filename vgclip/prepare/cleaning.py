@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from vgclip.data.pairing import stable_hash
 
 _REPLACEMENT_CHAR = "\ufffd"  # what the UTF-8 sanitiser puts where the file had invalid bytes
 
@@ -20,17 +21,23 @@ class CleaningSettings:
     min_box_side: float = 1.0
 
 
+# Examples kept per skip reason: the counts are exact, but millions of duplicate phrases must not
+# make the manifest (and the memory holding it) grow with them.
+MAX_EXAMPLES_PER_REASON = 1000
+
+
 @dataclass
 class Skips:
-    """Every skipped item with its reason, plus a count per reason."""
+    """A count per skip reason, and the first `MAX_EXAMPLES_PER_REASON` skipped items of each."""
 
     items: list[tuple[str, str]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
     def add(self, item: str, reason: str) -> None:
         """Record that `item` (e.g. "vg:12/region:345") was dropped because of `reason`."""
-        self.items.append((item, reason))
         self.counts[reason] += 1
+        if self.counts[reason] <= MAX_EXAMPLES_PER_REASON:
+            self.items.append((item, reason))
 
     def extend(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Record several (item, reason) pairs."""
@@ -38,9 +45,10 @@ class Skips:
             self.add(item, reason)
 
     def to_json(self) -> dict:
-        """The manifest's view: summary counts (sorted) and the full item list."""
+        """The manifest's view: summary counts (sorted) and the stored examples."""
         return {
             "counts": dict(sorted(self.counts.items())),
+            "examples_per_reason": MAX_EXAMPLES_PER_REASON,
             "items": [{"item": item, "reason": reason} for item, reason in self.items],
         }
 
@@ -110,11 +118,6 @@ class PhraseDeduper:
         return False
 
 
-def split_hash(key: str, seed: int) -> int:
-    """A stable 64-bit hash of an image key (unlike hash(), identical across runs and machines)."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
-
-
 def split_sizes(available: int, train: int, val: int) -> tuple[int, int]:
     """How many images go to train and val when `available` images survive cleaning.
 
@@ -141,6 +144,6 @@ def assign_split(keys: Iterable[str], train: int, val: int, seed: int) -> tuple[
     The result depends only on the set of keys and the seed (not on their input order), and no
     key can be in both lists.
     """
-    ordered = sorted(set(keys), key=lambda k: (split_hash(k, seed), k))
+    ordered = sorted(set(keys), key=lambda k: (stable_hash(f"{seed}:{k}"), k))
     n_train, n_val = split_sizes(len(ordered), train, val)
     return ordered[:n_train], ordered[n_train:n_train + n_val]

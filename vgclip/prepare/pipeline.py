@@ -88,6 +88,8 @@ def run_prepare(records: Iterable[dict], out: str | Path, settings: PrepareSetti
     spool = state_dir / "records.jsonl"
     try:
         offsets = _spool_records(records, spool, excluded, skips)
+        if not offsets:
+            raise VgclipError(nothing_usable(skips, inputs))
         train_keys, val_keys = assign_split(offsets, settings.train_images, settings.val_images, settings.seed)
         chosen = set(train_keys) | set(val_keys)
         for key in sorted(offsets.keys() - chosen):
@@ -99,6 +101,8 @@ def run_prepare(records: Iterable[dict], out: str | Path, settings: PrepareSetti
     finally:
         spool.unlink(missing_ok=True)
     manifest = _build_manifest(results, settings, skips, inputs)
+    if not any(entry["images"] for entry in manifest["splits"].values()):
+        raise VgclipError(nothing_usable(skips, inputs))
     with atomic_path(out / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
         os.chmod(tmp, 0o644)  # the temp file is created 0600; the manifest is meant to be shared
@@ -249,6 +253,13 @@ def _build_manifest(results: list[ShardResult], settings: PrepareSettings, skips
     }
 
 
+def nothing_usable(skips: Skips, inputs: dict) -> str:
+    """The one-line error when no image survived: what was expected where, and the top skip reasons."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in skips.counts.most_common(3)) or "no records at all"
+    where = inputs.get("images_expected", "")
+    return f"no usable image ({reasons}){'; expected ' + where if where else ''}: nothing written"
+
+
 def format_summary(manifest: dict, out: str | Path) -> str:
     """A few human-readable lines summarising a manifest."""
     lines = [f"wrote {out}"]
@@ -257,6 +268,9 @@ def format_summary(manifest: dict, out: str | Path) -> str:
     counts = manifest["skipped"]["counts"]
     lines.append(f"  skipped: {sum(counts.values())} items" + ("" if counts else " (none)"))
     lines.extend(f"    {reason}: {n}" for reason, n in counts.items())
+    if counts.get("beyond_split_sizes"):
+        lines.append(f"  {counts['beyond_split_sizes']} usable images are in neither split: raise --train-images / "
+                     "--val-images to include them")
     for reason, n in manifest["notes"]["counts"].items():
         lines.append(f"  note {reason}: {n}")
     return "\n".join(lines)
