@@ -21,7 +21,7 @@ import pytest
 from vgclip import cli
 from vgclip.data.voc import load_voc
 from vgclip.download import install, sources
-from vgclip.download.fetch import FetchSettings
+from vgclip.download.fetch import FetchSettings, fetch, part_path
 from vgclip.download.install import WORK_DIR, DownloadOptions, download_dataset
 from vgclip.download.sources import Archive, DatasetSource
 from vgclip.errors import VgclipError
@@ -52,12 +52,11 @@ class LoopbackServer:
                     return
                 server.respond(self, name)
 
-            def log_message(self, *args) -> None:
-                pass
+            def log_message(self, *args) -> None:  # keep pytest's output clean
+                return
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def respond(self, handler: http.server.BaseHTTPRequestHandler, name: str) -> None:
         data = self.files[name]
@@ -65,17 +64,12 @@ class LoopbackServer:
         spec = handler.headers.get("Range")
         if spec and not self.ignore_range:
             start = int(spec.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                handler.send_response(416)
-                handler.send_header("Content-Range", f"bytes */{len(data)}")
-                handler.send_header("Content-Length", "0")
-                handler.end_headers()
-                return
-            handler.send_response(206)
-            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            past_end = start >= len(data)
+            handler.send_response(416 if past_end else 206)
+            handler.send_header("Content-Range", f"bytes {'*' if past_end else f'{start}-{len(data) - 1}'}/{len(data)}")
         else:
             handler.send_response(200)
-        body = data[start:]
+        body = data[start:]  # empty past the end
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         if name in self.drop_next:
@@ -87,13 +81,9 @@ class LoopbackServer:
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
 
-    def names_requested(self) -> list[str]:
-        return [name for name, _ in self.requests]
-
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-        self.thread.join(timeout=10)
 
 
 def _zip(entries: dict[str, bytes], compression: int) -> bytes:
@@ -260,6 +250,17 @@ def test_a_server_ignoring_range_restarts_the_file_cleanly(built, server, tmp_pa
     assert len(_vg_records(tmp_path / "vg")) == 10  # the sha256 check passed: no duplicated prefix
 
 
+def test_fetch_completes_a_whole_part_file_and_restarts_one_the_server_cannot_continue(built, server, tmp_path):
+    name = "image_data.json.zip"
+    data = built["files"][name]
+    part_path(tmp_path / "a.zip").write_bytes(data)  # complete but never renamed: the server answers 416
+    fetch(server.url(name), tmp_path / "a.zip", None, FAST)
+    assert (tmp_path / "a.zip").read_bytes() == data and server.requests == [(name, f"bytes={len(data)}-")]
+    part_path(tmp_path / "b.zip").write_bytes(data + b"junk")  # longer than the file: not a prefix of it
+    fetch(server.url(name), tmp_path / "b.zip", None, replace(FAST, retries=1))
+    assert (tmp_path / "b.zip").read_bytes() == data and server.requests[-1] == (name, None)
+
+
 def _corrupt_member_data(data: bytes) -> bytes:
     """Flip bytes in the middle of the first member's data, keeping the size (CRC-32 then fails)."""
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -357,7 +358,7 @@ def test_mirror_from_the_environment_replaces_the_host(built, server, tmp_path, 
     monkeypatch.setenv(sources.MIRROR_ENV, server.url(""))
     assert cli.main(["download", "voc2007", "--out", str(tmp_path), "--quiet", "--retries", "0"]) == 0
     assert load_voc(tmp_path, "trainval").image_ids
-    assert set(server.names_requested()) == {"VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"}
+    assert set([n for n, _ in server.requests]) == {"VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"}
 
 
 def test_not_enough_space_says_how_much_is_needed_before_any_request(server, tmp_path):
@@ -378,10 +379,10 @@ def test_a_folder_not_installed_by_download_is_never_replaced(built, server, tmp
 def test_no_images_fetches_annotations_only(built, server, tmp_path):
     source = vg_source(server, built["files"])
     download_dataset(source, tmp_path, DownloadOptions(fetch=FAST, images=False))
-    assert set(server.names_requested()) == {"image_data.json.zip", "region_descriptions.json.zip"}
+    assert set([n for n, _ in server.requests]) == {"image_data.json.zip", "region_descriptions.json.zip"}
     assert not (tmp_path / "VG_100K").exists() and (tmp_path / "region_descriptions.json").is_file()
     download_dataset(source, tmp_path, DownloadOptions(fetch=FAST))  # later, with images: only those are added
-    assert server.names_requested().count("image_data.json.zip") == 1
+    assert [n for n, _ in server.requests].count("image_data.json.zip") == 1
     assert len(_vg_records(tmp_path)) == 10
 
 

@@ -84,8 +84,11 @@ def _describe(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-def _open(url: str, start: int, timeout: float) -> tuple[http.client.HTTPResponse | None, int]:
-    """The response and the offset it starts at (None: the part file already holds the whole file)."""
+def _open(url: str, part: Path, start: int, timeout: float) -> tuple[http.client.HTTPResponse | None, int]:
+    """The response and the offset it starts at (None: the part file already holds the whole file).
+
+    When the server cannot continue from `start`, the part file is dropped and the next attempt starts over.
+    """
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -98,12 +101,14 @@ def _open(url: str, start: int, timeout: float) -> tuple[http.client.HTTPRespons
         exc.close()
         if total == str(start):
             return None, start  # the range starts at the end: nothing is missing
+        part.unlink()
         raise DownloadInterrupted("the server refused to resume; starting over") from None
     if start and response.status == 206:
         match = _CONTENT_RANGE.match(response.headers.get("Content-Range") or "")
         if match and int(match.group(1)) == start:
             return response, start
         response.close()
+        part.unlink()
         raise DownloadInterrupted("the server answered a different byte range; starting over")
     return response, 0  # a 200 to a range request: the server sends the whole file again
 
@@ -116,7 +121,7 @@ def _fetch_once(url: str, part: Path, size: int | None, settings: FetchSettings)
         start = 0
     if size is not None and start == size:
         return
-    response, start = _open(url, start, settings.timeout_s)
+    response, start = _open(url, part, start, settings.timeout_s)
     if response is None:
         return
     with response:
