@@ -42,7 +42,7 @@ def _batches(n: int, batch: int, size: int, tokenizer, device) -> list:
     return out
 
 
-def _time_steps(step, batches, warmup: int) -> float:
+def time_steps(step, batches, warmup: int) -> float:
     """Seconds for one pass of `step` over `batches`, after `warmup` untimed steps."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for images, tokens in batches[:warmup]:
@@ -90,13 +90,15 @@ def vgclip_step(config, batches, device, locked: bool):
     return step
 
 
-def open_clip_model(text_folder: str, device, locked: bool):
+def open_clip_model(text_folder: str, device, locked: bool, *, timm_name: str = "tf_efficientnet_lite0",
+                    image_size: int = 224, pooler: str = "mean_pooler", pretrained: bool = True):
+    """open_clip's CustomTextCLIP on the given timm image tower and HF text folder, linear projections."""
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
-    vision = CLIPVisionCfg(timm_model_name="tf_efficientnet_lite0", timm_model_pretrained=False, timm_pool="avg",
-                           timm_proj="linear", image_size=224)
-    text = CLIPTextCfg(hf_model_name=text_folder, hf_tokenizer_name=text_folder, hf_model_pretrained=True,
-                       hf_pooler_type="mean_pooler", hf_proj_type="linear", context_length=32)
+    vision = CLIPVisionCfg(timm_model_name=timm_name, timm_model_pretrained=False, timm_pool="avg",
+                           timm_proj="linear", image_size=image_size)
+    text = CLIPTextCfg(hf_model_name=text_folder, hf_tokenizer_name=text_folder, hf_model_pretrained=pretrained,
+                       hf_pooler_type=pooler, hf_proj_type="linear", context_length=32)
     model = CustomTextCLIP(256, vision, text, output_dict=True).to(device).train()
     if locked:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
@@ -144,7 +146,7 @@ def run_side(side: str, steps: int, warmup: int, batch: int, device: torch.devic
         step = vgclip_step(config, batches, device, locked=locked)
     else:
         step = open_clip_step(resolve_text_source(config.model.text.name), device, locked=locked)
-    seconds = _time_steps(step, batches, warmup)
+    seconds = time_steps(step, batches, warmup)
     return {"side": side, "seconds": seconds, "samples": sum(len(b[0]) for b in batches)}
 
 
