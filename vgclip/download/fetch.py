@@ -65,12 +65,11 @@ def fetch(url: str, dest: str | Path, size: int | None = None, settings: FetchSe
         except (OSError, http.client.HTTPException, DownloadInterrupted) as exc:
             error = exc
         attempt += 1
-        have = part.stat().st_size if part.exists() else 0
         if attempt > settings.retries:
-            raise VgclipError(
-                f"{url}: download failed after {attempt} attempt(s) ({_describe(error)}); {part.name} keeps the "
-                f"{have} bytes received, rerun to resume, or pass --mirror URL (or set VGCLIP_MIRROR)"
-            ) from None
+            have = part.stat().st_size if part.exists() else 0
+            kept = f"{part.name} keeps the {have} bytes received, rerun to resume" if have else "rerun to retry"
+            raise VgclipError(f"{url}: download failed after {attempt} attempt(s) ({_describe(error)}); {kept}, "
+                              "or pass --mirror URL (or set VGCLIP_MIRROR)") from None
         time.sleep(min(settings.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
     os.replace(part, dest)
     return dest
@@ -128,8 +127,8 @@ def _fetch_once(url: str, part: Path, size: int | None, settings: FetchSettings)
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None and length.isdigit() else None
         if size is not None and total is not None and total != size:
-            raise VgclipError(f"{url}: the server offers {total} bytes but {name} has {size}; "
-                              "a different file? pass --mirror URL to fetch it elsewhere")
+            raise VgclipError(f"{url}: the server offers {total} bytes but {name} has {size} (a different file?); "
+                              "pass --mirror URL to fetch it elsewhere")
         if total is not None:
             ensure_free_space(part.parent, total - start, f"to download {name}")
         _copy(response, part, start, total, settings.progress)
