@@ -77,3 +77,57 @@ def test_config_is_frozen_and_round_trips_through_yaml(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(cfg)
     assert load_config(str(tmp_path / "config.yaml")) == cfg
     assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.image.image_size=0", "model.image.image_size must be >= 1, got 0"),
+        ("model.image.std=[0.5, 0, 0.5]", "model.image.std must be > 0"),
+        ("model.image.mean=[0.5, 0.5]", "model.image.mean must be empty"),
+        ("model.image.unlocked_blocks=2", "model.image.unlocked_blocks only applies with model.image.lock=true"),
+        ("model.text.pooling=max", "model.text.pooling='max': expected one of mean, cls"),
+        ("model.text.max_length=1", "model.text.max_length must be >= 2, got 1"),
+        ("model.text.num_heads=3", r"model.text.hidden_size \(64\) must be a multiple of model.text.num_heads \(3\)"),
+        ("model.embed_dim=0", "model.embed_dim must be >= 1, got 0"),
+        ("model.init_temperature=0", "model.init_temperature must be > 0"),
+        ("model.max_logit_scale=0.5", "model.max_logit_scale must be >= 1.0"),
+        ("data.pairing=combine:0", "data.pairing='combine:0'"),
+        ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("data.tar_reader=tarfile", "data.tar_reader='tarfile': expected one of direct, webdataset"),
+        ("train.accum_steps=0", "train.accum_steps must be >= 1, got 0"),
+        ("train.precision=fp8", "train.precision='fp8': expected one of fp32, bf16, fp16"),
+        ("train.lr=0", "train.lr must be > 0, got 0.0"),
+        ("train.epochs=-1", "train.epochs must be >= 0, got -1"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1, got 0"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0.0, got -1.0"),
+        ("eval.score=logits", "eval.score='logits': expected one of softmax, sigmoid, cosine"),
+        ("eval.difficult=drop", "eval.difficult='drop'"),
+        ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
+        ("eval.thresholds=[]", "eval.thresholds must hold at least one threshold"),
+    ],
+)
+def test_each_section_rejects_bad_values_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_combinations_are_checked():
+    with pytest.raises(ConfigError, match="train.max_steps=5 needs train.epochs >= 1"):
+        load_config("tiny", ["train.epochs=0", "train.max_steps=5"])
+    assert load_config("tiny", ["model.text.lock=true", "model.text.unlocked_blocks=1"]).model.text.unlocked_blocks == 1
+
+
+def test_sections_validate_when_built_directly():
+    from vgclip.config import DataConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.accum_steps must be >= 1, got 0"):
+        TrainConfig(accum_steps=0)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        dataclasses.replace(DataConfig(), batch_size=-3)
+
+
+def test_every_preset_is_valid():
+    for name in preset_names():
+        load_config(name)

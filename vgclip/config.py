@@ -19,6 +19,30 @@ from vgclip.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
+# The choices of each string setting (checked here, once, when a config is built).
+TEXT_WEIGHTS = ("pretrained", "none")
+TEXT_POOLINGS = ("mean", "cls")
+TAR_READERS = ("direct", "webdataset")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCORES = ("softmax", "sigmoid", "cosine")
+TEMPLATES = ("single", "ensemble")
+DIFFICULT_MODES = ("ignore", "positive")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
@@ -36,6 +60,19 @@ class ImageTowerConfig:
     lock: bool = False
     unlocked_blocks: int = 0
 
+    def __post_init__(self) -> None:
+        _at_least("model.image.image_size", self.image_size, 1)
+        _at_least("model.image.unlocked_blocks", self.unlocked_blocks, 0)
+        for key, values in (("model.image.mean", self.mean), ("model.image.std", self.std)):
+            if values and len(values) != 3:
+                raise ConfigError(f"{key} must be empty (the weights' own) or 3 numbers, got {list(values)}")
+        if self.std and min(self.std) <= 0:
+            raise ConfigError(f"model.image.std must be > 0, got {list(self.std)}")
+        if self.unlocked_blocks and not self.lock:
+            raise ConfigError("model.image.unlocked_blocks only applies with model.image.lock=true")
+        if bool(self.mean) != bool(self.std):
+            raise ConfigError("model.image.mean and model.image.std must be given together (or both left empty)")
+
 
 @dataclass(frozen=True)
 class TextTowerConfig:
@@ -52,6 +89,18 @@ class TextTowerConfig:
     lock: bool = False
     unlocked_blocks: int = 0
 
+    def __post_init__(self) -> None:
+        _one_of("model.text.weights", self.weights, TEXT_WEIGHTS)
+        _one_of("model.text.pooling", self.pooling, TEXT_POOLINGS)
+        _at_least("model.text.max_length", self.max_length, 2)
+        for key in ("num_layers", "hidden_size", "num_heads", "unlocked_blocks"):
+            _at_least(f"model.text.{key}", getattr(self, key), 0)
+        if self.unlocked_blocks and not self.lock:
+            raise ConfigError("model.text.unlocked_blocks only applies with model.text.lock=true")
+        if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.text.hidden_size ({self.hidden_size}) must be a multiple of "
+                              f"model.text.num_heads ({self.num_heads})")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -62,6 +111,12 @@ class ModelConfig:
     embed_dim: int = 256
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        _at_least("model.embed_dim", self.embed_dim, 1)
+        _positive("model.init_temperature", self.init_temperature)
+        # exp(logit_scale) is clamped to [1, max_logit_scale] (the parameter to [0, ln max]).
+        _at_least("model.max_logit_scale", self.max_logit_scale, 1.0)
 
 
 @dataclass(frozen=True)
@@ -80,6 +135,17 @@ class DataConfig:
     # direct tar reader ("webdataset": Python's tarfile via webdataset; vgclip/data/tar_reader.py).
     fast_decode: bool = True
     tar_reader: str = "direct"  # "direct" or "webdataset"
+
+    def __post_init__(self) -> None:
+        from vgclip.data.pairing import parse_pairing  # light (no torch); data/ imports this module
+
+        parse_pairing(self.pairing)  # ConfigError naming data.pairing
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
+        _at_least("data.region_margin", self.region_margin, 0.0)
+        _at_least("data.region_min_size", self.region_min_size, 0)
+        _one_of("data.tar_reader", self.tar_reader, TAR_READERS)
 
 
 @dataclass(frozen=True)
@@ -110,6 +176,18 @@ class TrainConfig:
     # LiT: with a fully locked image tower and no augmentation, embed each image once and train on the cache.
     cache_locked_image: bool = True
 
+    def __post_init__(self) -> None:
+        _one_of("train.precision", self.precision, PRECISIONS)
+        for key in ("epochs", "max_steps", "warmup_steps", "checkpoint_every"):
+            _at_least(f"train.{key}", getattr(self, key), 0)
+        for key in ("accum_steps", "log_every", "keep_checkpoints", "max_bad_steps", "val_max_samples"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        _positive("train.lr", self.lr)
+        for key in ("image_lr", "text_lr", "weight_decay", "grad_clip"):
+            _at_least(f"train.{key}", getattr(self, key), 0.0)
+        if self.epochs == 0 and self.max_steps > 0:
+            raise ConfigError(f"train.max_steps={self.max_steps} needs train.epochs >= 1 (epochs=0 trains nothing)")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -120,6 +198,14 @@ class EvalConfig:
     difficult: str = "ignore"  # "ignore" (official VOC) or "positive" (CLIP_benchmark)
     batch_size: int = 64
     thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+    def __post_init__(self) -> None:
+        _one_of("eval.score", self.score, SCORES)
+        _one_of("eval.templates", self.templates, TEMPLATES)
+        _one_of("eval.difficult", self.difficult, DIFFICULT_MODES)
+        _at_least("eval.batch_size", self.batch_size, 1)
+        if not self.thresholds:
+            raise ConfigError("eval.thresholds must hold at least one threshold")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from PIL import Image
 from torch import nn
 
 from vgclip.config import Config, ModelConfig
-from vgclip.errors import VgclipError
 from vgclip.model.image_tower import ImageTower, build_image_tower
 from vgclip.model.lock import lock_tower, set_frozen_eval
 from vgclip.model.text_tower import TextTower, Tokenizer, build_text_tower, token_inputs
@@ -24,8 +23,6 @@ class ClipModel(nn.Module):
 
     def __init__(self, visual: ImageTower, text: TextTower, config: ModelConfig):
         super().__init__()
-        if config.embed_dim <= 0 or config.init_temperature <= 0:
-            raise VgclipError("model.embed_dim and model.init_temperature must be positive")
         self.config = config
         self.visual = visual
         self.text = text
