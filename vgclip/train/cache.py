@@ -19,7 +19,7 @@ import json
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,7 @@ from torch import nn
 from vgclip.config import Config
 from vgclip.data.pairing import choose_pair, parse_pairing, stable_seed
 from vgclip.data.transforms import stack_images
-
-if TYPE_CHECKING:
-    from vgclip.train.loop import _Run
+from vgclip.train.distributed import DistInfo, barrier
 
 CACHE_FILE = "image_features.safetensors"
 INDEX_FILE = "image_features.json"
@@ -143,29 +141,29 @@ class FeatureCache:
             yield self.features[rows], {k: torch.as_tensor(v) for k, v in tokens.items()}
 
 
-def build_feature_cache(run: _Run) -> FeatureCache:
+def build_feature_cache(config: Config, *, data_dir: Path, run_dir: Path, visual: nn.Module, eval_tf: Any,
+                        tokenizer: Any, info: DistInfo) -> FeatureCache:
     """Load RUN/image_features.safetensors if it matches the tower and shards; else compute and save it (rank 0)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from vgclip.data.loader import list_shards
     from vgclip.io import atomic_path, atomic_write_text
-    from vgclip.train import distributed as D
 
-    shards = list_shards(run.data_dir, "train")
-    path, index_path = run.run_dir / CACHE_FILE, run.run_dir / INDEX_FILE
-    wanted = fingerprint(run.raw.visual, shards, repr(run.eval_tf))
-    if run.info.is_main and _stored_fingerprints(path, index_path) != (wanted, wanted):
-        features, keys, metas = compute_features(run.raw.visual, shards, run.eval_tf, run.info.device)
+    shards = list_shards(data_dir, "train")
+    path, index_path = run_dir / CACHE_FILE, run_dir / INDEX_FILE
+    wanted = fingerprint(visual, shards, repr(eval_tf))
+    if info.is_main and _stored_fingerprints(path, index_path) != (wanted, wanted):
+        features, keys, metas = compute_features(visual, shards, eval_tf, info.device)
         with atomic_path(path) as tmp:
             save_file({"features": features.contiguous()}, str(tmp), metadata={"fingerprint": wanted})
         atomic_write_text(index_path, json.dumps({"fingerprint": wanted, "keys": keys, "metas": metas}))
-    D.barrier(run.info)
+    barrier(info)
     index = json.loads(index_path.read_text(encoding="utf-8"))
     with safe_open(str(path), framework="pt") as fh:
         features = fh.get_tensor("features")
-    return FeatureCache(features.to(run.info.device), index["keys"], index["metas"], config=run.config,
-                        tokenizer=run.tokenizer, rank=run.info.rank, world_size=run.info.world_size)
+    return FeatureCache(features.to(info.device), index["keys"], index["metas"], config=config,
+                        tokenizer=tokenizer, rank=info.rank, world_size=info.world_size)
 
 
 def _stored_fingerprints(path: Path, index_path: Path) -> tuple[str | None, str | None]:
