@@ -74,7 +74,8 @@ function drawCurve() {
   }
   for (const f of [0, 0.25, 0.5, 0.75, 1]) {
     const t = R.span[0] + f * (R.span[1] - R.span[0]);
-    const label = svgEl("text", { x: xOf(t) - 12, y: SVG.h - 8, "font-size": 11, fill: "#667085" });
+    const anchor = f === 0 ? "start" : f === 1 ? "end" : "middle";
+    const label = svgEl("text", { x: xOf(t), y: SVG.h - 8, "font-size": 11, fill: "#667085", "text-anchor": anchor });
     label.textContent = t.toFixed(2);
     svg.append(label);
   }
@@ -144,6 +145,7 @@ function renderGallery() {
 function update(redraw = true) {
   $("global-threshold").value = R.global;
   $("global-value").value = vg.fmt(R.global, 4);
+  $("global-value").dataset.value = String(R.global);  // exact (the slider snaps to its step)
   if (redraw) drawCurve(); else {
     const line = $("threshold-line");
     if (line) { line.setAttribute("x1", xOf(R.global)); line.setAttribute("x2", xOf(R.global)); }

@@ -1,0 +1,172 @@
+"""`vgclip serve` as a real uvicorn server on 127.0.0.1: concurrent load, and the pages driven by headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# The HTTP client Starlette's TestClient uses (httpx2 with Starlette 1.x).
+httpx = pytest.importorskip("httpx2", reason="httpx2 is not installed (pip install 'vgclip[dev]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'vgclip[serve]')")
+
+from _serve_fixtures import REAL_PHOTOS, free_port, make_report, make_run  # noqa: E402
+
+STARTUP_LIMIT_S = 180  # a loaded 2-core machine imports torch and transformers slowly
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Screenshots for people to look at: kept after the run (the folder is git-ignored).
+ARTEFACTS = Path(os.environ.get("VGCLIP_TEST_ARTEFACTS", Path(__file__).resolve().parents[1] / ".pytest_cache" / "serve"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """(base URL, report folder, process) of `vgclip serve` on a free loopback port; stopped with SIGINT after."""
+    root = tmp_path_factory.mktemp("live")
+    run = make_run(root / "run")
+    report, _ = make_report(run, root)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(root / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vgclip.cli", "serve", "--checkpoint", str(run), "--report",
+                             str(report), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_LIMIT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start: {(root / 'serve.log').read_text(errors='replace')[-2000:]}")
+    yield base, report, proc
+    proc.send_signal(2)  # Ctrl-C: uvicorn shuts down cleanly
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert code == 0, (root / "serve.log").read_text(errors="replace")[-2000:]
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_concurrent_load_no_errors_stable_memory(server) -> None:
+    base, _, _ = server
+    labels = "aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow"
+    bodies = [_jpeg(i) for i in range(8)]
+
+    def client_run(index: int, requests: int) -> list[int]:
+        codes = []
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for k in range(requests):
+                files = [("images", (f"img{index}-{k}.jpg", bodies[(index + k) % len(bodies)]))]
+                codes.append(client.post("/api/predict", files=files, data={"labels": labels}).status_code)
+        return codes
+
+    def round_of(clients: int, requests: int) -> list[int]:
+        with ThreadPoolExecutor(clients) as pool:
+            return [c for codes in pool.map(client_run, range(clients), [requests] * clients) for c in codes]
+
+    assert round_of(16, 2) == [200] * 32  # warm-up: allocator pools, thread pools
+    before = httpx.get(f"{base}/api/health").json()
+    codes = round_of(16, 4) + round_of(16, 4)
+    after = httpx.get(f"{base}/api/health").json()
+    assert codes == [200] * 128
+    assert after["batched_images"] - before["batched_images"] == 128
+    assert after["batches"] - before["batches"] < 128  # requests shared forwards
+    growth = after["rss_bytes"] - before["rss_bytes"]
+    assert growth < 64 * 1024 * 1024, f"server memory grew by {growth / 2**20:.1f} MiB under a repeated load"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.slow
+def test_pages_in_a_real_browser(server) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    base, report, _ = server
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    photo = sorted(REAL_PHOTOS.glob("*.jpg"))[0] if REAL_PHOTOS.is_dir() else None
+    if photo is None:
+        photo = ARTEFACTS / "synthetic.jpg"
+        photo.write_bytes(_jpeg(0))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)
+            _tag_page(page, base, photo)
+            page.screenshot(path=str(ARTEFACTS / "tag.png"), full_page=True)
+            _threshold_page(page, base, report)
+            page.screenshot(path=str(ARTEFACTS / "thresholds.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def _shown_set(page) -> list[str]:
+    text = page.locator(".result .predicted").first.text_content()
+    return [] if text == "(none)" else text.split(", ")
+
+
+def _tag_page(page, base: str, photo: Path) -> None:
+    page.goto(base + "/")
+    page.wait_for_function("document.getElementById('labels').value.length > 0")
+    labels = ["circle", "square", "star", "triangle"]
+    page.fill("#labels", ", ".join(labels))
+    page.select_option("#score", "sigmoid")
+    page.set_input_files("#files", str(photo))  # picking files scores them at once
+    page.wait_for_selector(".result .bar-row")
+    scores = {row.get_attribute("data-label"): float(row.get_attribute("data-score"))
+              for row in page.locator(".result .bar-row").all()}  # fmt: skip
+    assert sorted(scores) == sorted(labels)
+    ordered = sorted(scores.values())
+    seen = set()
+    for target in (ordered[0] - 0.01, (ordered[-1] + ordered[-2]) / 2, (ordered[0] + ordered[1]) / 2,
+                   ordered[-1] + 0.01):  # fmt: skip
+        page.fill("#global-threshold", f"{target:.6f}")  # moves the slider (the browser snaps it to its step)
+        applied = float(page.input_value("#global-threshold"))
+        expected = [lab for lab in labels if scores[lab] >= applied]
+        assert _shown_set(page) == expected, (applied, scores)
+        seen.add(tuple(expected))
+    assert len(seen) >= 3  # all labels, some, none: the set followed the slider
+    page.fill("#global-threshold", f"{(ordered[0] + ordered[1]) / 2:.6f}")
+
+
+def _threshold_page(page, base: str, report: Path) -> None:
+    from vgclip.eval.metrics import threshold_metrics
+    from vgclip.serve.report import read_scores_csv
+
+    page.goto(base + "/thresholds")
+    page.wait_for_selector("#per-class tbody tr")
+    page.select_option("#mode", "global")  # the report's own thresholds (per class) are shown first
+    page.click("#tune-f1")
+    page.wait_for_function("document.getElementById('save-status').textContent.startsWith('Moved to f1')")
+    _, classes, scores, labels, valid = read_scores_csv(report / "scores.csv")
+    shown = float(page.get_attribute("#global-value", "data-value"))
+    micro_f1 = threshold_metrics(scores, labels, valid, classes, np.float64(shown))["micro"]["f1"]
+    assert page.text_content("#averages .micro-f1") == f"{micro_f1:.3f}"
+    page.select_option("#gallery-class", classes[0])
+    page.wait_for_function("[...document.querySelectorAll('.gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.click("#save")
+    page.wait_for_function("document.getElementById('save-status').textContent.startsWith('Saved')")
+    saved = report / "saved" / "thresholds.json"
+    info = json.loads(saved.read_text())
+    assert info["mode"] == "global" and info["objective"] == "f1" and set(info["per_class"]) == set(classes)
+    assert info["global"] == pytest.approx(shown)
