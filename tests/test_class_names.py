@@ -74,19 +74,25 @@ def _xml_labels(xml: Path) -> tuple[set[str], set[str]]:
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import vgclip
-    from vgclip.model.checkpoint import save_model
-
     root = tmp_path_factory.mktemp("names")
     voc = _write_voc(root / "voc")
     classes = root / "classes.txt"
     classes.write_text("# COCO-style names, one per line\n" + "\n".join(CLASSES) + "\n\n")
     names_yaml = root / "names.yaml"
     names_yaml.write_text('traffic light: traffic signal\n"stop sign": red stop sign\nfire hydrnt: fire hydrant\n')
+    return {"root": root, "voc": voc, "classes": classes, "names": names_yaml}
+
+
+@pytest.fixture(scope="module")
+def run_dir(case: dict[str, Path]) -> Path:
+    """A saved run of the tiny config (random weights, no download)."""
+    import vgclip
+    from vgclip.model.checkpoint import save_model
+
     config = vgclip.load_config("tiny")
     model, _, tokenizer = vgclip.create_model(config)
-    save_model(root / "run", model, tokenizer, config)
-    return {"root": root, "voc": voc, "classes": classes, "names": names_yaml, "run": root / "run"}
+    save_model(case["root"] / "run", model, tokenizer, config)
+    return case["root"] / "run"
 
 
 def test_class_list_and_labels_match_an_independent_parse(case: dict[str, Path]) -> None:
@@ -102,10 +108,11 @@ def test_class_list_and_labels_match_an_independent_parse(case: dict[str, Path])
     assert data.class_images["traffic light"] == 3  # t3's difficult one counts as a use of the name
 
 
-def test_zeroshot_report_thresholds_and_predict_round_trip(case: dict[str, Path],
+@pytest.mark.slow
+def test_zeroshot_report_thresholds_and_predict_round_trip(case: dict[str, Path], run_dir: Path,
                                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     out = case["root"] / "report"
-    argv = ["zeroshot", "--checkpoint", str(case["run"]), "--voc-root", str(case["voc"]), "--out", str(out),
+    argv = ["zeroshot", "--checkpoint", str(run_dir), "--voc-root", str(case["voc"]), "--out", str(out),
             "--classes", str(case["classes"]), "--class-names", str(case["names"]), "--workers", "0"]  # fmt: skip
     assert main(argv) == 0
     assert "no annotation uses class(es) parking meter" in capsys.readouterr().out
@@ -137,7 +144,7 @@ def test_zeroshot_report_thresholds_and_predict_round_trip(case: dict[str, Path]
     assert saved["class_texts"] == texts and saved["fallback_classes"] == ["parking meter"]
 
     images = [str(case["voc"] / "JPEGImages" / f"{i}.jpg") for i in TEST]
-    assert main(["predict", "--checkpoint", str(case["run"]), "--labels-file", str(case["classes"]),
+    assert main(["predict", "--checkpoint", str(run_dir), "--labels-file", str(case["classes"]),
                  "--thresholds", str(out / "thresholds.json"), "--json", *images]) == 0  # fmt: skip
     pred = json.loads(capsys.readouterr().out)
     assert pred["thresholds"] == saved["per_class"]
@@ -149,8 +156,25 @@ def test_zeroshot_report_thresholds_and_predict_round_trip(case: dict[str, Path]
         assert result["predicted"] == [c for c in CLASSES if result["scores"][c] >= saved["per_class"][c]]
 
     comma = ", ".join(CLASSES)  # a comma list on the command line names the same labels
-    assert main(["predict", "--checkpoint", str(case["run"]), "--labels", comma,
+    assert main(["predict", "--checkpoint", str(run_dir), "--labels", comma,
                  "--thresholds", str(out / "thresholds.json"), "--json", images[0]]) == 0  # fmt: skip
     first = json.loads(capsys.readouterr().out)["results"][0]
     assert first["predicted"] == pred["results"][0]["predicted"]
     assert first["scores"] == pytest.approx(pred["results"][0]["scores"], abs=1e-6)  # batch of 1 vs 6: float noise
+
+
+def test_prompts_hold_whole_names(case: dict[str, Path], run_dir: Path) -> None:
+    import vgclip
+    from vgclip.eval.predict import predict
+
+    model, transform, tokenizer = vgclip.load_checkpoint(run_dir)
+    seen: list[str] = []
+
+    def recording(texts: list[str]):
+        seen.extend(texts)
+        return tokenizer(texts)
+
+    image = case["voc"] / "JPEGImages" / "t1.jpg"
+    predict(model, transform, recording, [image], ["traffic light", "teddy bear"], templates="single",
+            class_texts={"traffic light": "traffic signal"}, device="cpu")  # fmt: skip
+    assert {"a photo of a traffic signal.", "a photo of a teddy bear."} <= set(seen)
