@@ -6,8 +6,8 @@ DataLoader worker does):
   loader: make_loader over the shards (tar read + JSON + decode + eval transform, 224 by default +
           tokenise + collate) yielding uint8 batches, as `vgclip train` asks for (it normalises on
           its device). JPEGs are decoded with simplejpeg (libjpeg-turbo) at the smallest M/8 DCT
-          scale that still covers the transform's size, M <= 5 else 8 (without simplejpeg:
-          torchvision's decoder, or PIL draft when the image is at least twice the size the
+          scale that still covers the transform's size, M <= 5 else 8 (vgclip/data/jpeg_turbo.py;
+          without simplejpeg: PIL, with its draft when the image is at least twice the size the
           transform needs); "jpeg_decoder" says which
   raw:    Image.open + convert("RGB") + load of the same JPEGs (what a PIL loader pays before any
           transform), decoded right after each loader batch so a slow spell on a shared machine hits
@@ -16,21 +16,28 @@ and prints one JSON line with both rates (samples/s) and raw time / loader time 
 median over processes of each process's median round, with every process's ratio. Also reported:
 the ratio with float batches normalised in the worker (make_loader's default), with the train-time
 transform (random resized crop + flip: crops are resized from larger areas and, for 512 px shards,
-decoded at full scale; "train_transform_ratio"), and, when simplejpeg is installed, as if it were
-not ("fallback_ratio").
+decoded at full scale; "train_transform_ratio"), with the speed paths switched off
+(`data.fast_decode=false`: full-size PIL decodes, "fallback_ratio"; `data.tar_reader=webdataset`,
+"webdataset_reader_ratio"), and reading the same shards from a loopback HTTP server (127.0.0.1,
+started and stopped in each measuring process; "http_ratio", and "http_vs_disk": disk loader time
+over HTTP loader time, target >= 0.9).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import http.server
 import io
 import json
 import statistics
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from vgclip.config import DataConfig
-from vgclip.data import decoding
+from vgclip.data import jpeg_turbo
 from vgclip.data.loader import list_shards, make_loader
 from vgclip.data.tar_reader import iter_tar_samples
 from vgclip.data.transforms import build_image_transform
@@ -108,25 +115,19 @@ def decode_raw(jpegs: list[bytes]) -> None:
             img.convert("RGB").load()
 
 
-def time_paired(root: Path, jpegs: list[bytes], tokenizer: Tokenizer, batch_size: int, image_size: int, *,
-                normalize: bool = False, fallback: bool = False, train_transform: bool = False) -> tuple[float, float]:
+def time_paired(root: Path | str, jpegs: list[bytes], tokenizer: Tokenizer, batch_size: int, image_size: int, *,
+                normalize: bool = False, train_transform: bool = False, **switches: object) -> tuple[float, float]:
     """(loader seconds, raw-decode seconds) for one pass, interleaved batch by batch.
 
     After each loader batch the same JPEGs are decoded raw, so a slow spell on a shared machine hits
     both sides alike. normalize=False: uint8 batches, as `vgclip train` asks for (it normalises on its
-    device); True: float batches normalised in the worker (make_loader's default).
+    device); True: float batches normalised in the worker (make_loader's default). `switches`: DataConfig
+    fields (fast_decode, tar_reader). `root` may be a URL.
     """
-    if fallback:  # num_workers=0: the loader decodes in this process, so this module switch applies
-        saved, decoding.simplejpeg = decoding.simplejpeg, None
-        try:
-            return time_paired(root, jpegs, tokenizer, batch_size, image_size, normalize=normalize,
-                               train_transform=train_transform)
-        finally:
-            decoding.simplejpeg = saved
     # The loader itself runs in eval order (file order, so the raw side decodes the same images);
     # a train transform draws its crops and flips from torch's RNG.
     transform = build_image_transform(image_size, train=train_transform)
-    cfg = DataConfig(batch_size=batch_size, num_workers=0, shuffle_buffer=1)
+    cfg = DataConfig(batch_size=batch_size, num_workers=0, shuffle_buffer=1, **switches)
     batches = iter(make_loader(root, "train", cfg, transform, tokenizer, train=False, seed=0, normalize=normalize))
     loader_s = raw_s = 0.0
     done = 0
@@ -152,6 +153,25 @@ def read_jpegs(root: Path) -> list[bytes]:
     return [parts["jpg"] for shard in list_shards(root, "train") for _, parts in iter_tar_samples(shard)]
 
 
+@contextmanager
+def http_server(root: Path) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1 (a free port) in a thread for the block; yields its URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 def measure(root: Path, rounds: int, batch_size: int, image_size: int) -> dict[str, list[tuple[float, float]]]:
     """(loader s, raw s) per round for each variant, in this process (after a warm-up pass)."""
     # A DataLoader worker runs with one torch thread; do the same so "one worker" means one core
@@ -159,10 +179,17 @@ def measure(root: Path, rounds: int, batch_size: int, image_size: int) -> dict[s
     torch.set_num_threads(1)
     run = functools.partial(time_paired, root, read_jpegs(root), real_tokenizer(), batch_size, image_size)
     run()  # warm-up: imports, first-call costs
-    variants = {"loader": {}, "normalised_in_worker": {"normalize": True}, "train_transform": {"train_transform": True}}
-    if decoding.simplejpeg is not None:
-        variants["fallback"] = {"fallback": True}
-    return {name: [run(**kwargs) for _ in range(rounds)] for name, kwargs in variants.items()}
+    variants = {"loader": {}, "normalised_in_worker": {"normalize": True}, "train_transform": {"train_transform": True},
+                "fallback": {"fast_decode": False}, "webdataset_reader": {"tar_reader": "webdataset"}}
+    results = {name: [run(**kwargs) for _ in range(rounds)] for name, kwargs in variants.items()}
+    with http_server(root) as url:
+        over_http = functools.partial(time_paired, url, read_jpegs(root), real_tokenizer(), batch_size, image_size)
+        over_http()  # warm-up: the server thread, first connections
+        # Disk and HTTP rounds alternate so that a slow spell on a shared machine hits both.
+        pairs = [(run(), over_http()) for _ in range(rounds)]
+    results["disk_for_http"] = [disk for disk, _ in pairs]
+    results["http"] = [remote for _, remote in pairs]
+    return results
 
 
 def measure_in_fresh_process(root: Path, args: argparse.Namespace) -> dict[str, list[list[float]]]:
@@ -195,6 +222,9 @@ def main() -> None:
     ratios = {name: sorted(statistics.median(raw / loader for loader, raw in runs[name]) for runs in processes)
               for name in processes[0]}
     rounds = [pair for runs in processes for pair in runs["loader"]]
+    http_vs_disk = sorted(
+        statistics.median(disk / remote for (disk, _), (remote, _) in zip(runs["disk_for_http"], runs["http"]))
+        for runs in processes)
     result = {
         "benchmark": "loader_vs_raw_pillow_decode",
         "samples": n,
@@ -208,11 +238,15 @@ def main() -> None:
         "train_transform_ratio": round(statistics.median(ratios["train_transform"]), 3),
         "processes": args.processes,
         "rounds_per_process": args.rounds,
-        "jpeg_decoder": "simplejpeg" if "fallback" in ratios else "torchvision/pil",
+        "jpeg_decoder": "simplejpeg" if jpeg_turbo.simplejpeg is not None else "pil",
         "target_ratio": 0.8,
+        "fallback_ratio": round(statistics.median(ratios["fallback"]), 3),
+        "webdataset_reader_ratio": round(statistics.median(ratios["webdataset_reader"]), 3),
+        "http_ratio": round(statistics.median(ratios["http"]), 3),
+        "http_vs_disk": round(statistics.median(http_vs_disk), 3),
+        "http_vs_disk_per_process": [round(r, 3) for r in http_vs_disk],
+        "target_http_vs_disk": 0.9,
     }
-    if "fallback" in ratios:
-        result["fallback_ratio"] = round(statistics.median(ratios["fallback"]), 3)
     print(json.dumps(result))
 
 
