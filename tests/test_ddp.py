@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             torch.manual_seed(0)
             model = D.wrap_model(ToyClip(), info)
             per_rank, _ = _global_micro_batches(accum)
-            loss = forward_backward(model, ClipLoss(local_loss=local_loss), per_rank[rank],
+            loss = forward_backward(model, ClipLoss(rank=rank, world_size=WORLD, local_loss=local_loss), per_rank[rank],
                                     autocast=contextlib.nullcontext, all_finite=lambda t: D.all_finite(t, info))
             grads = {n: p.grad for n, p in model.module.named_parameters()}
             grads["__loss__"] = torch.tensor(loss)

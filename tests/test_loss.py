@@ -58,6 +58,13 @@ def test_shape_mismatch_is_rejected():
         ClipLoss()(torch.randn(4, 8), torch.randn(3, 8), 1.0)
 
 
+def test_a_world_size_without_its_process_group_is_an_error():
+    with pytest.raises(RuntimeError, match="world_size=2"):
+        ClipLoss(rank=0, world_size=2)(torch.randn(4, 8), torch.randn(4, 8), 1.0)
+    with pytest.raises(ValueError, match="rank 2 is not within world size 2"):
+        ClipLoss(rank=2, world_size=2)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -75,10 +82,12 @@ def _worker(rank: int, world: int, port: int, images, texts, results) -> None:
         for local in (False, True):
             img = images[part].clone().requires_grad_(True)
             txt = texts[part].clone().requires_grad_(True)
-            loss = ClipLoss(local_loss=local)(img, txt, 5.0)
+            loss = ClipLoss(rank=rank, world_size=world, local_loss=local)(img, txt, 5.0)
             loss.backward()
             # Plain lists: shared-memory tensors would vanish with this process.
             results.put((rank, local, loss.item(), img.grad.tolist(), txt.grad.tolist()))
+        # Inside a process group, the default loss still contrasts only what it is given (validation).
+        results.put((rank, None, ClipLoss()(images[part], texts[part], 5.0).item(), None, None))
         # Leave together: a rank that tears gloo down while its peer is still finishing the last
         # all_gather makes that peer abort ("terminate called without an active exception").
         dist.barrier()
@@ -97,7 +106,7 @@ def test_distributed_loss_covers_the_global_batch():
     procs = [ctx.Process(target=_worker, args=(r, world, port, images, texts, results)) for r in range(world)]
     for p in procs:
         p.start()
-    got = [results.get(timeout=120) for _ in range(2 * world)]
+    got = [results.get(timeout=120) for _ in range(3 * world)]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -107,6 +116,9 @@ def test_distributed_loss_covers_the_global_batch():
     reference.backward()
     for rank, local, loss, img_grad, txt_grad in got:
         part = slice(rank * 3, (rank + 1) * 3)
+        if local is None:
+            assert loss == pytest.approx(ClipLoss()(images[part], texts[part], 5.0).item(), rel=1e-6)
+            continue
         if not local:
             # Every rank computes the full global loss.
             assert loss == pytest.approx(reference.item(), rel=1e-5)
@@ -115,5 +127,5 @@ def test_distributed_loss_covers_the_global_batch():
         torch.testing.assert_close(torch.tensor(img_grad), world * img.grad[part], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(torch.tensor(txt_grad), world * txt.grad[part], rtol=1e-4, atol=1e-6)
     # The local losses average to the global loss (each row of the global logits belongs to one rank).
-    local_losses = [loss for _, local, loss, _, _ in got if local]
+    local_losses = [loss for _, local, loss, _, _ in got if local is True]
     assert sum(local_losses) / world == pytest.approx(reference.item(), rel=1e-5)

@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 RECALL_AT = (1, 5, 10)
@@ -29,16 +28,6 @@ def recall_at_k(image_embeds: torch.Tensor, text_embeds: torch.Tensor, ks=RECALL
     return out
 
 
-def local_clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """ClipLoss over this process's batch only.
-
-    Validation runs on rank 0 alone; vgclip's ClipLoss would all-gather across ranks there and hang.
-    """
-    logits = logit_scale * image_embeds.float() @ text_embeds.float().T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -52,6 +41,9 @@ def validate(
 
     Recall is computed over up to `max_samples` pairs: the similarity matrix grows quadratically.
     """
+    from vgclip.model.loss import ClipLoss
+
+    loss_fn = ClipLoss()  # this process's batches only: validation runs on one rank
     was_training = model.training
     model.eval()
     losses, weights, images_all, texts_all = [], [], [], []
@@ -62,7 +54,7 @@ def validate(
             tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
             with autocast():
                 out = model(images, tokens)
-            loss = local_clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+            loss = loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"])
             losses.append(float(loss) * len(images))
             weights.append(len(images))
             images_all.append(out["image_embeds"].float().cpu())
