@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,7 @@ def plot_pr_curves(ev: ScoredSplit, report: dict[str, Any], path: Path) -> None:
             precision, recall, _ = precision_recall_curve(y, scores)
             ax.step(recall, precision, where="post")
             ax.axhline(report["chance"][name], color="grey", ls=":", lw=0.8)
-        ax.set_title(f"{name} AP={_fmt(report['AP'][name])}", fontsize=9)
+        ax.set_title(_panel_title(name, f"AP={_fmt(report['AP'][name])}"), fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
@@ -86,7 +87,7 @@ def plot_roc_curves(ev: ScoredSplit, report: dict[str, Any], path: Path) -> None
             fpr, tpr, _ = roc_curve(y, scores)
             ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=0.8)
-        ax.set_title(f"{name} AUC={_fmt(report['roc_auc'][name])}", fontsize=9)
+        ax.set_title(_panel_title(name, f"AUC={_fmt(report['roc_auc'][name])}"), fontsize=9)
         ax.tick_params(labelsize=7)
     fig.suptitle("ROC per class (sensitivity vs 1 - specificity)")
     _save(fig, path)
@@ -109,6 +110,11 @@ def plot_ap_bars(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("average precision")
     ax.legend(loc="best", fontsize=8)
     _save(fig, path)
+
+
+def _panel_title(name: str, metric: str) -> str:
+    """A panel's title; a long (multi-word) class name wraps rather than running into the next panel."""
+    return textwrap.fill(f"{name} {metric}", width=32, break_long_words=True)
 
 
 def _fmt(x: float | None) -> str:

@@ -274,7 +274,7 @@ def build_report(
     report["data"] = _data_section(ev, d)
     stray = sorted(set(opts.class_names or {}) - set(classes))
     if stray:
-        report["data"]["notices"].append(f"--class-names entries for names outside the class list (unused): "
+        report["data"]["notices"].append(f"names given --class-names texts but not in the class list (unused): "
                                          f"{', '.join(stray)}")  # fmt: skip
     report["sweep"] = [threshold_metrics(ev.scores, d.labels, ev.valid, classes, t) for t in eval_cfg.thresholds]
     report["tuning"] = {"note": tune_note, "on_eval_split": bool(opts.tune_on_eval), "tuned": tune is not None}
