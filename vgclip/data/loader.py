@@ -43,9 +43,9 @@ from vgclip.config import DataConfig
 from vgclip.data.decoding import decode_image
 from vgclip.data.images import BadImageError
 from vgclip.data.pairing import Box, Pairing, choose_pair, metadata_problem, mirror_text, parse_pairing, stable_seed
-from vgclip.data.shards import READ_ERRORS, TAR_READERS, Shard, is_pattern, is_remote, list_shards, manifest_count, read_samples
+from vgclip.data.shards import READ_ERRORS, Shard, is_pattern, is_remote, list_shards, manifest_count, read_samples
 from vgclip.data.transforms import PixelTransform, stack_images
-from vgclip.errors import ConfigError, VgclipError
+from vgclip.errors import VgclipError
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def make_loader(
     applies `image_transform.normalize` there. `shard_dir` is any location `vgclip.data.shards` reads.
     """
     pairing = parse_pairing(data_cfg.pairing)
-    _check_args(data_cfg, rank, world_size, start_batch)
+    _check_args(rank, world_size, start_batch)  # DataConfig checks its own values
     if pairing.kind != "single" and is_pattern(shard_dir):
         raise VgclipError(f"data.pairing={data_cfg.pairing} needs region phrases, but shards given as a pattern "
                           f"({shard_dir}) are read as caption shards (one caption per image): use data.pairing=single")
@@ -312,13 +312,7 @@ class _Collate:
         return images, {name: _as_tensor(value) for name, value in tokens.items()}
 
 
-def _check_args(cfg: DataConfig, rank: int, world_size: int, start_batch: int) -> None:
-    if cfg.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
-    if cfg.tar_reader not in TAR_READERS:
-        raise ConfigError(f"data.tar_reader={cfg.tar_reader!r}: expected one of {', '.join(TAR_READERS)}")
+def _check_args(rank: int, world_size: int, start_batch: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise VgclipError(f"rank {rank} is not within world size {world_size}")
     if start_batch < 0:

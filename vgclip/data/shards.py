@@ -29,11 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vgclip.errors import ConfigError, VgclipError
+from vgclip.errors import VgclipError
 
 logger = logging.getLogger(__name__)
 
-TAR_READERS = ("direct", "webdataset")
 HTTP_TIMEOUT_S = 60.0
 Shard = str | Path  # a local path, or a URL / `pipe:` command
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -216,22 +215,21 @@ def _fsspec_open(url: str) -> Iterator[BinaryIO]:
 
 def read_samples(location: Shard, reader: str = "direct", wanted: Callable[[str], bool] | None = None
                  ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) per sample of one shard, with the chosen tar reader (`data.tar_reader`).
+    """(key, {suffix: bytes}) per sample of one shard, with the tar reader `data.tar_reader` names
+    ("direct" or "webdataset"; DataConfig checks the value).
 
     `wanted(suffix)` False: that member's bytes are skipped (b""), with the direct reader only.
     """
     from vgclip.data.tar_reader import group_samples, iter_tar_samples
 
-    if reader not in TAR_READERS:
-        raise ConfigError(f"data.tar_reader={reader!r}: expected one of {', '.join(TAR_READERS)}")
     with open_shard(location) as stream:
-        if reader == "direct":
-            yield from iter_tar_samples(stream, wanted, name=str(location))
-        else:
+        if reader == "webdataset":
             from webdataset.tariterators import tar_file_iterator
 
             files = ((f["fname"], f["data"]) for f in tar_file_iterator(stream))
             yield from group_samples(files)
+        else:
+            yield from iter_tar_samples(stream, wanted, name=str(location))
 
 
 # What a broken read raises: a file or socket error, tar damage, a cut HTTP response.
