@@ -19,7 +19,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip setuptools wheel 2>&1 | $(PIP_QUIET)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[offline]" 2>&1 | $(PIP_QUIET)
+	$(BIN)/pip install -q -e ".[offline,serve]" 2>&1 | $(PIP_QUIET)
 	$(BIN)/python -c "import vgclip, torch, timm, transformers"
 	touch $@
 

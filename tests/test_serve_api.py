@@ -168,3 +168,15 @@ def test_saved_thresholds_give_vgclip_predict_the_same_labels(served, images: li
     assert any(first in r["predicted"] for r in cli["results"])  # threshold 0 on a sigmoid: always predicted
     bad = client.post("/api/report/thresholds", json={"mode": "per_class", "global_threshold": 0.5, "per_class": {}})
     assert bad.status_code == 422 and "miss" in bad.json()["detail"]
+
+
+def test_demo_prints_a_serve_command_the_cli_accepts() -> None:
+    import shlex
+
+    from vgclip.cli import build_parser
+    from vgclip.commands.demo import serve_command
+
+    argv = shlex.split(serve_command(Path("demo out/run"), Path("demo out/report")))
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve" and args.checkpoint == Path("demo out/run") and args.report == Path("demo out/report")
+    assert args.host == "127.0.0.1"

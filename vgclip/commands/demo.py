@@ -65,4 +65,15 @@ def run(args: argparse.Namespace) -> int:
     summary = json.loads((report / "report.json").read_text(encoding="utf-8"))
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s: zero-shot mAP {summary['mAP']:.3f} on the held-out "
           f"synthetic VOC test split (chance {summary['chance_mean']:.3f}). Report: {report / 'report.md'}")
+    print(f"\nOpen the web app on this run and report (then http://127.0.0.1:8000/ in a browser):\n  "
+          f"{serve_command(run_dir, report)}")
     return 0
+
+
+def serve_command(run_dir: Path, report: Path) -> str:
+    """The `vgclip serve` command line for the demo's run, with the vgclip executable this demo ran as."""
+    import shlex
+    import sys
+
+    program = sys.argv[0] if Path(sys.argv[0]).name == "vgclip" else "vgclip"
+    return shlex.join([program, "serve", "--checkpoint", str(run_dir), "--report", str(report)])
