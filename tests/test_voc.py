@@ -103,6 +103,22 @@ def test_synthetic_auto_classes_and_xml_agree_with_class_lists(synth_voc: Path, 
     assert lists.label_source == "imagesets" and lists.image_ids == xml.image_ids
     np.testing.assert_array_equal(lists.labels, xml.labels)
     np.testing.assert_array_equal(lists.ignore, xml.ignore)
+    assert lists.class_images == xml.class_images and sum(xml.class_images.values()) > 0
+
+
+def test_multi_word_class_from_imagesets_lists(synth_voc: Path, tmp_path: Path) -> None:
+    """Per-class lists named "<class>_<split>.txt" work for a name with a space; a path separator is refused."""
+    xml = load_voc(synth_voc, "test")
+    root = _copy(synth_voc, tmp_path / "lists")
+    shutil.rmtree(root / "Annotations")
+    first = xml.classes[0]
+    (root / "ImageSets/Main" / f"{first}_test.txt").rename(root / "ImageSets/Main" / f"big {first}_test.txt")
+    names = (f"big {first}", *xml.classes[1:])
+    lists = load_voc(tmp_path / "lists", "test", classes=list(names))
+    assert lists.classes == names
+    np.testing.assert_array_equal(lists.labels, xml.labels)
+    with pytest.raises(VgclipError, match="path separator"):
+        load_voc(tmp_path / "lists", "test", classes=["../../x", *xml.classes[1:]])
 
 
 def test_crlf_split_file_and_unknown_split(synth_voc: Path, tmp_path: Path) -> None:
