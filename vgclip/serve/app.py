@@ -195,6 +195,14 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
                 "templates": options.templates, "thresholds": options.thresholds,
                 "score_kinds": list(SCORE_KINDS), "template_sets": list(TEMPLATE_SETS)}  # fmt: skip
 
+    add_predict_route(app, engine, options)
+    add_report_routes(app, report)
+    return app
+
+
+def add_predict_route(app: FastAPI, engine: ScoringEngine, options: ServeOptions) -> None:
+    """POST /api/predict: the tag page's one call to the model."""
+
     @app.post("/api/predict")
     async def predict(images: list[UploadFile] = File(..., description="one or more image files"),
                       labels: str = Form(..., description="labels, comma-separated or one per line"),
@@ -218,9 +226,6 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
                     "predicted": predicted_set(names, row, limits)} for f, row in zip(images, scores)]  # fmt: skip
         return {"labels": names, "score": kind, "templates": prompts,
                 "thresholds": dict(zip(names, limits)) if limits else None, "results": results}  # fmt: skip
-
-    add_report_routes(app, report)
-    return app
 
 
 def add_report_routes(app: FastAPI, report: ReportData | None) -> None:
