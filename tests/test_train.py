@@ -13,6 +13,7 @@ import vgclip
 from vgclip.config import TrainConfig, load_config
 from vgclip.errors import VgclipError
 from vgclip.train.evaluate import recall_at_k
+from vgclip.train.grads import keep_embedding_grads
 from vgclip.train.loop import seed_everything, train
 from vgclip.train.optim import build_optimizer, cosine_with_warmup, param_groups
 
@@ -190,3 +191,19 @@ def test_voc_root_adds_a_zero_shot_report(shards, tmp_path):
     summary = train(load_config("tiny", TINY + ["train.max_steps=1"]), shards, run, voc_root=tmp_path / "voc")
     assert 0.0 <= summary["zeroshot"]["mAP"] <= 1.0
     assert (run / "zeroshot" / "report.json").is_file()
+
+
+def test_sparse_embedding_grads_switch_changes_no_update(shards, tmp_path, monkeypatch):
+    """train.sparse_embedding_grads=false (plain dense gradients) trains to the same weights."""
+    import vgclip.train.loop as loop
+
+    switched = []
+    monkeypatch.setattr(loop, "keep_embedding_grads", lambda model: switched.append(keep_embedding_grads(model)))
+    runs = {}
+    for sparse in ("true", "false"):
+        cfg = load_config("tiny", TINY + ["train.max_steps=2", f"train.sparse_embedding_grads={sparse}"])
+        train(cfg, shards, tmp_path / sparse)
+        runs[sparse] = vgclip.load_checkpoint(tmp_path / sparse)[0].state_dict()
+    assert switched == [1]  # the vocabulary table, in the sparse run only
+    for name, value in runs["true"].items():
+        torch.testing.assert_close(runs["false"][name], value, rtol=1e-5, atol=1e-6, msg=name)

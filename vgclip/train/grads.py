@@ -1,12 +1,20 @@
-"""Gradient bookkeeping between backward and the optimizer: clipping, zeroing, embedding tables.
+"""Speed path: sparse gradients for vocabulary tables, and the clipping and zeroing that go with them.
 
-A text tower's token-embedding table is the largest tensor being trained (MiniLM: 30,522 x 384,
-47 MB), yet a batch of phrases touches a few hundred of its rows. PyTorch's dense embedding
-backward allocates, zero-fills and frees a full-size gradient every step, then clipping reads
-and scales all of it: about a sixth of a locked-image-tower (LiT) step on a CPU. With
-`keep_embedding_grads`, the table's backward is sparse, autograd adds those rows into a dense
-`.grad` buffer kept across steps, and `clip_gradients` / `zero_grads` touch only the rows the step
-wrote. AdamW still receives the same dense gradient, so every update is unchanged.
+What it buys. A text tower's token-embedding table is the largest tensor being trained (MiniLM:
+30,522 x 384 floats, 47 MB), yet a batch of phrases touches a few hundred of its rows. PyTorch's
+dense embedding backward allocates, zero-fills and frees a full-size gradient every step, then
+clipping reads and scales all of it; on a CPU that is a noticeable share of a locked-image-tower
+(LiT) step, where the image tower does not run. With `keep_embedding_grads`, the table's backward
+is sparse, autograd adds those rows into a dense `.grad` buffer kept across steps, and
+`clip_gradients` / `zero_grads` touch only the rows the step wrote. AdamW still receives the same
+dense gradient, so every update is unchanged (tests/test_grads.py).
+
+Measured where. The vgclip side of `benchmarks/bench_train.py` trains with it (README, "What it
+does, measured"); figures live there, where they can be rerun.
+
+How to turn it off. `train.sparse_embedding_grads=false` (plain dense gradients). It is also off
+whenever it cannot apply: under DDP (NCCL cannot all-reduce sparse gradients) and with
+`train.compile=true` (torch.compile traces the dense backward).
 """
 
 from __future__ import annotations

@@ -18,12 +18,8 @@ class MetricsLogger:
     Rows past the resume step are dropped on open, so a resumed run does not log a step twice.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None) -> None:
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None) -> None:
         self.path = run_dir / "metrics.csv"
-        self.tb = None
-        if not enabled:
-            return
         if resume_step is not None and self.path.is_file():
             self._truncate_after(resume_step)
         elif self.path.exists():
@@ -52,8 +48,6 @@ class MetricsLogger:
 
     def log(self, step: int, split: str, **values: Any) -> None:
         """One row; numbers also go to TensorBoard as `split/name`."""
-        if not self.enabled:
-            return
         row = {"step": step, "split": split}
         for key, value in values.items():
             row[key] = f"{value:.6g}" if isinstance(value, float) else value
@@ -66,8 +60,6 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close both sinks."""
-        if not self.enabled:
-            return
         self._fh.close()
         if self.tb is not None:
             self.tb.close()

@@ -254,8 +254,8 @@ def _training_parts(ctx: RunContext, raw: nn.Module, eval_tf, tokenizer) -> Part
         cache = build_feature_cache(ctx.config, data_dir=ctx.data_dir, run_dir=ctx.run_dir, visual=raw.visual,
                                     eval_tf=eval_tf, tokenizer=tokenizer, info=info)
         module = CachedImageClip(raw)  # same parameters, image tower replaced by the cache
-    if not info.distributed and not cfg.compile:
-        keep_embedding_grads(raw)  # sparse vocabulary gradients (see vgclip/train/grads.py)
+    if cfg.sparse_embedding_grads and not info.distributed and not cfg.compile:
+        keep_embedding_grads(raw)  # the speed path of vgclip/train/grads.py
     model = D.wrap_model(module, info)
     if cfg.compile:
         model = torch.compile(model)
