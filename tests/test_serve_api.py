@@ -180,3 +180,20 @@ def test_demo_prints_a_serve_command_the_cli_accepts() -> None:
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve" and args.checkpoint == Path("demo out/run") and args.report == Path("demo out/report")
     assert args.host == "127.0.0.1"
+
+
+def test_cli_stays_light_and_report_errors_are_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, vgclip, vgclip.cli; vgclip.cli.build_parser(); print('fastapi' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    from vgclip.errors import VgclipError
+    from vgclip.serve.report import load_report
+
+    with pytest.raises(VgclipError, match="report.json"):
+        load_report(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"settings": {}}))
+    (tmp_path / "scores.csv").write_text("image_id,score_a,label_b\nx,0.5,1\n")
+    with pytest.raises(VgclipError, match="scores.csv"):
+        load_report(tmp_path)

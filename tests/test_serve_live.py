@@ -170,3 +170,17 @@ def _threshold_page(page, base: str, report: Path) -> None:
     info = json.loads(saved.read_text())
     assert info["mode"] == "global" and info["objective"] == "f1" and set(info["per_class"]) == set(classes)
     assert info["global"] == pytest.approx(shown)
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_both_sides(tmp_path: Path) -> None:
+    """The benchmark runs end to end on a tiny run and prints the fields README quotes (no speed is asserted)."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    done = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--images", "12", "--clients", "4",
+                           "--rounds", "1", "--time-limit", "60"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["errors"] == 0 and out["clients"] == 4 and out["offline_images_per_s"] > 0
+    assert out["served_vs_offline"] == pytest.approx(out["served_images_per_s"] / out["offline_images_per_s"], rel=0.01)
+    for key in ("requests_per_s", "p50_ms", "p95_ms", "server_rss_mb_before", "server_rss_mb_after"):
+        assert out[key] > 0
