@@ -103,16 +103,16 @@ def test_pages_in_a_real_browser(server) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     base, report, _ = server
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    photo = sorted(REAL_PHOTOS.glob("*.jpg"))[0] if REAL_PHOTOS.is_dir() else None
-    if photo is None:
-        photo = ARTEFACTS / "synthetic.jpg"
-        photo.write_bytes(_jpeg(0))
+    photos = sorted(REAL_PHOTOS.glob("*.jpg"))[:3] if REAL_PHOTOS.is_dir() else []
+    if not photos:
+        photos = [ARTEFACTS / "synthetic.jpg"]
+        photos[0].write_bytes(_jpeg(0))
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(60_000)
-            _tag_page(page, base, photo)
+            _tag_page(page, base, photos)
             page.screenshot(path=str(ARTEFACTS / "tag.png"), full_page=True)
             _threshold_page(page, base, report)
             page.screenshot(path=str(ARTEFACTS / "thresholds.png"), full_page=True)
@@ -125,16 +125,17 @@ def _shown_set(page) -> list[str]:
     return [] if text == "(none)" else text.split(", ")
 
 
-def _tag_page(page, base: str, photo: Path) -> None:
+def _tag_page(page, base: str, photos: list[Path]) -> None:
     page.goto(base + "/")
     page.wait_for_function("document.getElementById('labels').value.length > 0")
     labels = ["circle", "square", "star", "triangle"]
     page.fill("#labels", ", ".join(labels))
     page.select_option("#score", "sigmoid")
-    page.set_input_files("#files", str(photo))  # picking files scores them at once
+    page.set_input_files("#files", [str(p) for p in photos])  # picking files scores them at once
     page.wait_for_selector(".result .bar-row")
+    assert page.locator(".result").count() == len(photos)
     scores = {row.get_attribute("data-label"): float(row.get_attribute("data-score"))
-              for row in page.locator(".result .bar-row").all()}  # fmt: skip
+              for row in page.locator(".result").first.locator(".bar-row").all()}  # fmt: skip
     assert sorted(scores) == sorted(labels)
     ordered = sorted(scores.values())
     seen = set()
@@ -164,6 +165,18 @@ def _threshold_page(page, base: str, report: Path) -> None:
     assert page.text_content("#averages .micro-f1") == f"{micro_f1:.3f}"
     page.select_option("#gallery-class", classes[0])
     page.wait_for_function("[...document.querySelectorAll('.gallery img')].every(i => i.complete && i.naturalWidth > 0)")
+    box = page.locator("#curve").bounding_box()  # drag the threshold line on the curve to the right
+    before = float(page.get_attribute("#global-value", "data-value"))
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    dragged = float(page.get_attribute("#global-value", "data-value"))
+    lo, hi = float(page.get_attribute("#global-threshold", "min")), float(page.get_attribute("#global-threshold", "max"))
+    # The curve's viewBox is 640 wide with the plot between x=40 and x=630: 80 % of it is x=512.
+    assert dragged == pytest.approx(lo + (512 - 40) / 590 * (hi - lo), abs=0.01 * (hi - lo)) and dragged != before
+    page.click("#tune-f1")  # back to the F1 threshold before saving
+    page.wait_for_function(f"Number(document.getElementById('global-value').dataset.value) === {shown!r}")
     page.click("#save")
     page.wait_for_function("document.getElementById('save-status').textContent.startsWith('Saved')")
     saved = report / "saved" / "thresholds.json"
