@@ -129,3 +129,16 @@ def test_distributed_loss_covers_the_global_batch():
     # The local losses average to the global loss (each row of the global logits belongs to one rank).
     local_losses = [loss for _, local, loss, _, _ in got if local is True]
     assert sum(local_losses) / world == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_bf16_autocast_loss_equals_fp32_loss():
+    """Logits at scale 100 need fp32: a bf16 matmul resolves them only to about 0.4."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(64, 256, generator=gen), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.5 * torch.randn(64, 256, generator=gen), dim=-1)
+    scale = torch.tensor(100.0)
+    fp32 = ClipLoss()(images, texts, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ClipLoss()(images, texts, scale)
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(fp32.item(), abs=1e-3)

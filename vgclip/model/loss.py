@@ -48,14 +48,19 @@ class ClipLoss(nn.Module):
                 f"image and text embeddings must both be [B, D]; got {tuple(image_embeds.shape)} "
                 f"and {tuple(text_embeds.shape)}"
             )
-        logits_per_image, logits_per_text, labels = self.logits(image_embeds, text_embeds, logit_scale)
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        # fp32 even under autocast: at scale up to 100 a bf16 matmul resolves logits only to about 0.4.
+        with torch.autocast(image_embeds.device.type, enabled=False):
+            logits_per_image, logits_per_text, labels = self.logits(image_embeds, text_embeds, logit_scale)
+            return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
     def logits(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits per image, logits per text, target index of each row)."""
+        """(logits per image, logits per text, target index of each row), in fp32."""
         batch = image_embeds.shape[0]
+        if isinstance(logit_scale, torch.Tensor):
+            logit_scale = logit_scale.float()
+        image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
         if self.world_size > 1:
             all_images = gather_with_grad(image_embeds, self.world_size)
             all_texts = gather_with_grad(text_embeds, self.world_size)
