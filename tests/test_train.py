@@ -207,3 +207,16 @@ def test_sparse_embedding_grads_switch_changes_no_update(shards, tmp_path, monke
     assert switched == [1]  # the vocabulary table, in the sparse run only
     for name, value in runs["true"].items():
         torch.testing.assert_close(runs["false"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_temperature_above_the_cap_comes_back_down(shards, tmp_path):
+    """A logit_scale parameter past ln(max_logit_scale) is clamped after the step, then trains again.
+
+    Random towers contrast poorly, so the loss wants a lower temperature (a smaller scale); inside
+    forward the clamp at the cap gives the parameter no gradient, so only clamping the parameter
+    itself after each optimizer step lets it come down.
+    """
+    cfg = load_config("tiny", TINY + ["train.max_steps=3", "model.init_temperature=0.005"])  # ln(200) > ln(100)
+    train(cfg, shards, tmp_path / "run")
+    scale = float(vgclip.load_checkpoint(tmp_path / "run")[0].logit_scale)
+    assert 4.5 < scale < math.log(100)

@@ -31,6 +31,8 @@ class ClipModel(nn.Module):
         # Stored as a log so the optimiser works on an unconstrained value (as in CLIP).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.max_logit_scale = float(config.max_logit_scale)
+        # ln(max) as the float32 the parameter can hold: the parameter clamp and forward's cap agree exactly.
+        self.max_log_scale = float(torch.tensor(math.log(self.max_logit_scale)))
 
     @property
     def image_size(self) -> int:
@@ -44,8 +46,17 @@ class ClipModel(nn.Module):
         return build_image_transform(self.visual.image_size, self.visual.mean, self.visual.std, train=train)
 
     def get_logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at max_logit_scale (CLIP's 100) to keep training stable."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """exp(logit_scale), with logit_scale clamped at ln(max_logit_scale) (CLIP's 100) to keep training stable."""
+        scale = self.logit_scale
+        # where(), not clamp(): clamp passes no gradient at the bound itself, where the parameter
+        # clamp puts a temperature that wants to come down.
+        return torch.where(scale <= self.max_log_scale, scale, scale.new_tensor(self.max_log_scale)).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Bring the temperature parameter back within [0, ln(max_logit_scale)], as CLIP and open_clip do
+        after every optimizer step: past the cap, forward's clamp would give it no gradient, for good."""
+        self.logit_scale.clamp_(0.0, self.max_log_scale)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Images [B,3,S,S] -> embeddings [B, embed_dim] (unit length when `normalize`)."""

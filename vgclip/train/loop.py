@@ -120,6 +120,7 @@ def _train_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Positi
                                     all_finite=lambda t: D.all_finite(t, info))
             stepped, grad_norm = _update(opt, cfg.grad_clip) if math.isfinite(loss) else (False, math.nan)
             if stepped:
+                parts.raw.clamp_logit_scale()  # as CLIP: the temperature parameter stays within [0, ln max]
                 pos.step += 1
             else:  # nothing was applied: count it, give up after too many
                 zero_grads(opt.optimizer)
