@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-REAL_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_PHOTOS = SHARED / "voc2012-sample" / "VOCdevkit" / "VOC2012" / "JPEGImages"
 
 
 def make_run(folder: Path) -> Path:

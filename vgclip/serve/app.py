@@ -149,7 +149,8 @@ class BodyLimit:
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             if length is None or not length.isdigit():
-                return await JSONResponse({"detail": "a request body needs a Content-Length"}, 411)(scope, receive, send)
+                answer = JSONResponse({"detail": "a request body needs a Content-Length"}, 411)
+                return await answer(scope, receive, send)
             if int(length) > self.max_bytes:
                 detail = f"upload of {int(length)} bytes is over the limit of {self.max_bytes} bytes"
                 return await JSONResponse({"detail": detail}, 413)(scope, receive, send)
@@ -234,7 +235,7 @@ def add_report_routes(app: FastAPI, report: ReportData | None) -> None:
 
     def need() -> ReportData:
         if report is None:
-            raise HTTPException(404, "no report: start `vgclip serve` with --report REPORT_DIR (a `vgclip zeroshot` output)")
+            raise HTTPException(404, "no report: start `vgclip serve` with --report REPORT_DIR (zeroshot output)")
         return report
 
     @app.get("/api/report")
