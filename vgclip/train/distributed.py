@@ -84,6 +84,26 @@ def all_ranks(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def gather_bytes(blob: bytes, info: DistInfo) -> list[bytes]:
+    """Every rank's `blob`, in rank order, on every rank (one process: `[blob]`).
+
+    Byte strings of different lengths travel as zero-padded uint8 tensors on the job's device, which
+    every backend (gloo, NCCL) can all-gather; nothing is pickled.
+    """
+    if not info.distributed:
+        return [blob]
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(info.device)
+    size = torch.tensor([data.numel()], device=info.device)
+    sizes = [torch.zeros_like(size) for _ in range(info.world_size)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=info.device)
+    padded[: data.numel()] = data
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return [part[:n].cpu().numpy().tobytes() for part, n in zip(parts, lengths)]
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in a single process)."""
     if info.distributed:

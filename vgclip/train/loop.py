@@ -226,7 +226,8 @@ def _start_position(ctx: RunContext, raw: nn.Module, opt: Optimization, resume) 
         seed_everything(ctx.config.train.seed + ctx.info.rank)  # different dropout masks per rank
         return S.Position()
     ckpt = S.resolve_resume(ctx.run_dir, resume)
-    return S.load_train_state(ckpt, model=raw, optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler)
+    return S.load_train_state(ckpt, model=raw, optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
+                              rank=ctx.info.rank)
 
 
 def _prepare_run_folder(ctx: RunContext, raw: nn.Module, tokenizer, *, resume_step: int | None) -> MetricsLogger | None:
@@ -338,11 +339,12 @@ def _validate(ctx: RunContext, parts: Parts) -> dict[str, float]:
 
 
 def _checkpoint(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Position) -> None:
-    """Rank 0 writes RUN/checkpoints/step-N/ and prunes old ones; the others wait."""
+    """Rank 0 writes RUN/checkpoints/step-N/ (with every rank's random streams) and prunes old ones; the others wait."""
+    rngs = D.gather_bytes(S.rng_blob(), ctx.info)  # a collective: every rank takes part
     if ctx.info.is_main:
         root = ctx.run_dir / "checkpoints"
         S.save_train_state(root, model=parts.raw, optimizer=opt.optimizer, scheduler=opt.scheduler,
-                           scaler=opt.scaler, position=pos, config=config_to_dict(ctx.config))
+                           scaler=opt.scaler, position=pos, config=config_to_dict(ctx.config), rank_rngs=rngs[1:])
         S.prune_checkpoints(root, ctx.config.train.keep_checkpoints)
     D.barrier(ctx.info)
 

@@ -3,7 +3,9 @@
 Layout of one checkpoint folder:
     model.safetensors      model weights
     optimizer.safetensors  optimizer state tensors, keys "state.<param index>.<name>"
-    rng.safetensors        torch / CUDA / numpy generator states as tensors
+    rng.safetensors        torch / CUDA / numpy generator states as tensors (rank 0, or the one process)
+    rng-rank{r}.safetensors  the same for rank r >= 1 of a distributed run (each rank seeds its own
+                           dropout masks), with its JSON part (python RNG, numpy scalars) in the file's metadata
     state.json             everything else: optimizer param groups and scalar state, scheduler,
                            grad scaler, python RNG, data position, step, val loss, resolved config
 Tensors only ever go through safetensors and the rest through JSON, so loading a checkpoint can
@@ -13,12 +15,14 @@ never execute code hidden in a pickle.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from vgclip.errors import VgclipError
 
 STATE_FILE = "state.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +95,28 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return _tensors(tensors), rest
 
 
+def rng_blob() -> bytes:
+    """This process's `rng_state` as the bytes of one safetensors file (the JSON part in its metadata):
+    what a rank sends to rank 0 to be written as rng-rank{r}.safetensors."""
+    from safetensors.torch import save
+
+    tensors, rest = rng_state()
+    return save(tensors, metadata={"rng": json.dumps(rest)})
+
+
+def _rank_rng_state(ckpt: Path, doc: dict, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The random streams rank `rank` saved in `ckpt`."""
+    from safetensors import safe_open
+
+    path = ckpt / f"rng-rank{rank}.safetensors"
+    if rank > 0 and path.is_file():
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads((fh.metadata() or {})["rng"])
+    if rank > 0:  # saved by a run with fewer processes: not an exact continuation anyway
+        logger.warning("%s holds no random state for rank %d: it continues rank 0's streams", ckpt, rank)
+    return load_file(str(ckpt / "rng.safetensors")), doc["rng"]
+
+
 def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict) -> None:
     """Restore what `rng_state` captured (CUDA states only if the devices are there)."""
     torch.set_rng_state(tensors["torch"])
@@ -112,8 +139,12 @@ def save_train_state(
     scaler: Any,
     position: Position,
     config: dict,
+    rank_rngs: Sequence[bytes] = (),
 ) -> Path:
-    """Write RUN/checkpoints/step-N/ atomically: build it in a temp folder, then rename it into place."""
+    """Write RUN/checkpoints/step-N/ atomically: build it in a temp folder, then rename it into place.
+
+    `rank_rngs`: the `rng_blob()` of ranks 1, 2, ... of a distributed run (this process is rank 0).
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{position.step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{position.step}.", dir=ckpt_root))
@@ -123,6 +154,8 @@ def save_train_state(
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_rest = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        for rank, blob in enumerate(rank_rngs, start=1):
+            (tmp / f"rng-rank{rank}.safetensors").write_bytes(blob)
         doc = {
             "position": asdict(position),
             "optimizer": opt_rest,
@@ -154,8 +187,9 @@ def load_train_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
+    rank: int = 0,
 ) -> Position:
-    """Load a checkpoint folder into freshly built objects; restore RNGs; return the data position."""
+    """Load a checkpoint folder into freshly built objects; restore this rank's RNGs; return the data position."""
     try:
         doc = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
@@ -165,7 +199,7 @@ def load_train_state(
         scheduler.load_state_dict(doc["scheduler"])
         if scaler is not None and scaler.is_enabled() and doc["scaler"]:
             scaler.load_state_dict(doc["scaler"])
-        set_rng_state(load_file(str(ckpt / "rng.safetensors")), doc["rng"])
+        set_rng_state(*_rank_rng_state(ckpt, doc, rank))
         return Position(**doc["position"])
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise VgclipError(f"{ckpt}: not a usable training checkpoint ({exc})") from None

@@ -1,0 +1,95 @@
+"""Exact resume under DDP: a 2-process run (gloo) killed with SIGKILL mid-epoch and resumed ends with the
+weights of an uninterrupted 2-process run, bit for bit (each rank restores its own random streams)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _train_fixtures import write_shards
+from safetensors.torch import load_file
+
+WORLD = 2
+# 16 samples per rank, batch 4: 4 steps an epoch, 8 in all; a checkpoint every 2 steps, so the
+# first one (step 2) is mid-epoch. The tiny text tower has dropout: its masks differ per rank.
+OVERRIDES = ["data.num_workers=0", "data.batch_size=4", "train.epochs=2", "train.checkpoint_every=2",
+             "train.keep_checkpoints=1", "train.warmup_steps=2"]
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(shards: Path, run: Path, *extra: str) -> list[subprocess.Popen]:
+    """The two processes torchrun would start (its environment variables), each in its own session."""
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "vgclip.cli", "train", "--data", str(shards), "--out", str(run),
+               "--config", "tiny", *extra, *OVERRIDES]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's stdout; fails (after killing the rest) if one fails or runs past the time limit."""
+    outs = []
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert proc.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outs
+
+
+@pytest.mark.slow
+def test_two_process_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    shards = write_shards(tmp_path / "shards", n_train=32, n_val=8, per_shard=8)  # 2 shards per rank
+    straight = _launch(shards, tmp_path / "straight")  # the reference runs alongside the killed one
+    killed = tmp_path / "killed"
+    procs = _launch(shards, killed)
+    first = killed / "checkpoints" / "step-2" / "state.json"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not first.is_file() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for proc in procs:  # a node failure: every process dies at once, nothing is flushed
+        proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        proc.communicate(timeout=60)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * WORLD, "training ended before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+    position = json.loads(first.read_text())["position"]
+    assert position["epoch"] == 0 and position["batch_in_epoch"] == 2  # mid-epoch
+
+    outs = _wait(_launch(shards, killed, "--resume", "latest"))
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert [s["steps"] for s in summaries] == [8, 8] and summaries[0]["steps_this_session"] == 6
+    _wait(straight)
+
+    a = load_file(str(killed / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ (largest difference {worst:.3g}), e.g. {different[:3]}"
