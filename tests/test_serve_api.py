@@ -197,3 +197,18 @@ def test_cli_stays_light_and_report_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "scores.csv").write_text("image_id,score_a,label_b\nx,0.5,1\n")
     with pytest.raises(VgclipError, match="scores.csv"):
         load_report(tmp_path)
+
+
+def test_pages_and_api_docs_need_no_internet(served) -> None:
+    import re
+
+    client = served[0]
+    for page in ("/", "/thresholds", "/docs"):
+        html = client.get(page)
+        assert html.status_code == 200
+        links = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', html.text) + re.findall(r"(?:_url|url): *'([^']+)'", html.text)
+        assert links and not [u for u in links if "//" in u], f"{page} loads from elsewhere: {links}"
+        for url in links:
+            if url.endswith((".js", ".css")):
+                assert client.get(url).status_code == 200, url
+    assert "/api/predict" in client.get("/openapi.json").json()["paths"]

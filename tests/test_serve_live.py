@@ -116,6 +116,9 @@ def test_pages_in_a_real_browser(server) -> None:
             page.screenshot(path=str(ARTEFACTS / "tag.png"), full_page=True)
             _threshold_page(page, base, report)
             page.screenshot(path=str(ARTEFACTS / "thresholds.png"), full_page=True)
+            page.goto(base + "/docs")  # Swagger UI renders from files vgclip serves (Chromium has no internet here)
+            page.wait_for_selector('.opblock-summary-path[data-path="/api/predict"]')
+            page.screenshot(path=str(ARTEFACTS / "docs.png"))
         finally:
             browser.close()
 

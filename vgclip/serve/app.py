@@ -19,6 +19,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from vgclip.data.images import BadImageError
@@ -166,7 +167,8 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
         yield
         await engine.close()
 
-    app = FastAPI(title="vgclip serve", lifespan=lifespan,
+    # fastapi-offline: the OpenAPI page (/docs) with Swagger UI served from the package, not from a CDN.
+    app = FastAPIOffline(title="vgclip serve", lifespan=lifespan,
                   description="Zero-shot multi-label tagging with a trained vgclip run, and threshold tuning on a "
                               "`vgclip zeroshot` report.")  # fmt: skip
     app.add_middleware(BodyLimit, max_bytes=options.max_upload_bytes)
