@@ -15,7 +15,6 @@ the scores mean nothing, the cost is a real model's) saved to a temporary run fo
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket
