@@ -195,14 +195,16 @@ class EvalConfig:
     """Zero-shot evaluation."""
 
     score: str = "softmax"  # "softmax", "sigmoid" or "cosine"
-    templates: str = "single"  # "single" or "ensemble"
+    templates: str = "single"  # "single", "ensemble" or a file with one template per line
     difficult: str = "ignore"  # "ignore" (official VOC) or "positive" (CLIP_benchmark)
     batch_size: int = 64
     thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
 
     def __post_init__(self) -> None:
         _one_of("eval.score", self.score, SCORES)
-        _one_of("eval.templates", self.templates, TEMPLATES)
+        if not (self.templates in TEMPLATES or Path(self.templates).suffix or "/" in self.templates):
+            raise ConfigError(f"eval.templates={self.templates!r}: expected one of {', '.join(TEMPLATES)}, "
+                              "or a file with one template per line")  # fmt: skip
         _one_of("eval.difficult", self.difficult, DIFFICULT_MODES)
         _at_least("eval.batch_size", self.batch_size, 1)
         if not self.thresholds:

@@ -28,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--class-names", type=Path, help="YAML mapping class -> text used in prompts")
     p.add_argument("--strict-classes", action="store_true", help="fail on an annotated class outside the class list")
     p.add_argument("--score", choices=("softmax", "sigmoid", "cosine"), help="same as eval.score=...")
-    p.add_argument("--templates", choices=("single", "ensemble"), help="same as eval.templates=...")
+    p.add_argument("--templates", help="single, ensemble, or a file with one template per line ({} or {c} "
+                   "for the class text); same as eval.templates=...")  # fmt: skip
     p.add_argument("--difficult", choices=("ignore", "positive"), help="same as eval.difficult=...")
     p.add_argument("--threshold-mode", choices=("global", "per_class"), default="per_class",
                    help="one threshold for all classes or one per class (default per_class)")  # fmt: skip

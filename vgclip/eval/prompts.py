@@ -67,12 +67,26 @@ def load_name_overrides(path: str | Path | None) -> dict[str, str]:
 
 
 def templates_for(kind: str) -> tuple[str, ...]:
-    """The prompt templates of `eval.templates` ("single" or "ensemble")."""
+    """The prompt templates of `eval.templates`: "single", "ensemble", or a file with one template per line."""
     if kind == "single":
         return (SINGLE_TEMPLATE,)
     if kind == "ensemble":
         return ENSEMBLE_TEMPLATES
-    raise VgclipError(f"eval.templates must be one of {', '.join(TEMPLATE_SETS)}, got {kind!r}")
+    if Path(kind).suffix or "/" in kind or Path(kind).is_file():
+        return read_template_file(kind)
+    raise VgclipError(f"eval.templates must be one of {', '.join(TEMPLATE_SETS)} or a file, got {kind!r}")
+
+
+def read_template_file(path: str | Path) -> tuple[str, ...]:
+    """Templates from a file, one per line with `{}` (or CLIP_benchmark's `{c}`) where the class text goes."""
+    from vgclip.names import read_name_file
+
+    templates = tuple(t.replace("{c}", "{}") for t in read_name_file(path, "template list"))
+    for template in templates:
+        rest = template.replace("{}", "", 1)
+        if "{" in rest or "}" in rest or rest == template:  # str.format would fail or drop the class
+            raise VgclipError(f"{path}: template {template!r} must hold exactly one {{}} (or {{c}}) placeholder")
+    return templates
 
 
 @torch.inference_mode()

@@ -1,0 +1,131 @@
+"""CLIP_benchmark on an exported run agrees with `vgclip zeroshot` run with CLIP_benchmark's protocol.
+
+Both tools evaluate a VOC2007-layout copy of the synthetic VOC folder (shapes renamed to VOC class names, the
+only names CLIP_benchmark's VOC loader knows; prompts still say the shape names) with no download.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import vgclip
+from vgclip.cli import main as vgclip_main
+from vgclip.errors import VgclipError
+from vgclip.export.clip_benchmark import (
+    DATASET,
+    clip_benchmark_protocol,
+    protocol_map,
+    write_protocol_files,
+    write_voc2007_copy,
+)
+from vgclip.export.open_clip import export_open_clip, load_open_clip_folder
+from vgclip.model.checkpoint import save_model
+from vgclip.synthetic.writers import SYNTH_CLASSES, write_synthetic_voc
+
+pytest.importorskip("open_clip")
+pytest.importorskip("clip_benchmark")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """An offline-small run (pretrained towers, untrained heads), its export, the VOC copy and protocol files."""
+    root = tmp_path_factory.mktemp("bench")
+    config = vgclip.load_config("offline-small")
+    model, _, tokenizer = vgclip.create_model(config)
+    save_model(root / "run", model, tokenizer, config)
+    export_open_clip(root / "run", root / "open_clip")
+    write_synthetic_voc(root / "synth", 80, seed=0)
+    protocol = clip_benchmark_protocol()
+    class_map = dict(zip(SYNTH_CLASSES, protocol.classes))
+    write_voc2007_copy(root / "synth", root / "voc2007", class_map)
+    files = write_protocol_files(root / "protocol", {voc: shape for shape, voc in class_map.items()})
+    return {"root": root, "protocol": protocol, "files": files}
+
+
+def _run_clip_benchmark(bench, monkeypatch) -> float:
+    from clip_benchmark import cli
+    from clip_benchmark.datasets import voc2007
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"CLIP_benchmark tried to download {args}")
+
+    monkeypatch.setattr(voc2007, "download_url", no_download)
+    root, out = bench["root"], bench["root"] / "clip_benchmark.json"
+    monkeypatch.setattr(sys, "argv", [
+        "clip_benchmark", "eval", "--dataset", DATASET, "--dataset_root", str(root / "voc2007"), "--split", "test",
+        "--model", f"local-dir:{root / 'open_clip'}", "--pretrained", "vgclip", "--no_amp", "--num_workers", "0",
+        "--batch_size", "16", "--custom_classname_file", str(bench["files"]["clip_benchmark_classnames"]),
+        "--output", str(out),
+    ])  # fmt: skip
+    cli.main()
+    return json.loads(out.read_text())["metrics"]["mean_average_precision"]
+
+
+def test_clip_benchmark_agrees_with_vgclip_zeroshot(bench, monkeypatch, capsys):
+    cb_map = _run_clip_benchmark(bench, monkeypatch)
+    root, files = bench["root"], bench["files"]
+    argv = ["zeroshot", "--checkpoint", str(root / "run"), "--voc-root", str(root / "voc2007"), "--split", "test",
+            "--tune-split", "none", "--classes", str(files["classes"]), "--class-names", str(files["class_names"]),
+            "--templates", str(files["templates"]), "--difficult", "positive", "--score", "cosine",
+            "--no-plots", "--workers", "0", "--out", str(root / "report")]  # fmt: skip
+    assert vgclip_main(argv) == 0, capsys.readouterr().err
+    report = json.loads((root / "report" / "report.json").read_text())
+    settings = report["settings"]
+    assert settings["template_texts"] == ["a photo of a {}."] and settings["difficult"] == "positive"
+    assert settings["class_texts"]["aeroplane"] == SYNTH_CLASSES[0] and settings["class_texts"]["cow"] == "cow"
+    ours = protocol_map(report, bench["protocol"].classes)
+    # Each side preprocesses the files its own way (decoder, where the centre crop sits): a small difference.
+    assert abs(cb_map - ours) <= 0.005, (cb_map, ours)
+    assert ours < report["mAP"]  # 12 of CLIP_benchmark's 20 classes have no positive here and count as 0
+
+
+@torch.inference_mode()
+def test_same_tensors_give_same_scores_and_ap(bench):
+    from clip_benchmark.datasets.voc2007 import PASCALVoc2007
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    from vgclip.data.voc import load_voc
+    from vgclip.eval.metrics import ranking_metrics
+    from vgclip.eval.prompts import build_text_classifier, read_template_file
+
+    root, protocol = bench["root"], bench["protocol"]
+    model, transform, tokenizer = vgclip.load_checkpoint(root / "run")
+    oc_model, _, oc_tokenizer = load_open_clip_folder(root / "open_clip")
+    texts = json.loads(bench["files"]["clip_benchmark_classnames"].read_text())[DATASET]
+    dataset = PASCALVoc2007(str(root / "voc2007"), "test", transform=lambda img: transform(img).contiguous())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    classifier = zc.zero_shot_classifier(oc_model, oc_tokenizer, texts, ["a photo of a {c}."], "cpu", amp=False)
+    cb_logits, cb_labels = zc.run_classification(oc_model, classifier, loader, "cpu", amp=False)
+
+    data = load_voc(root / "voc2007", "test", list(protocol.classes), difficult="positive")
+    assert data.image_ids == list(dataset.paths)
+    assert np.array_equal(data.labels, cb_labels.numpy())  # difficult objects count as positives on both sides
+    class_emb = build_text_classifier(model, tokenizer, texts, read_template_file(bench["files"]["templates"]))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    scores = torch.cat([model.encode_image(images[i : i + 16]) for i in range(0, len(images), 16)]) @ class_emb.T
+    np.testing.assert_allclose(scores.numpy(), cb_logits.numpy() / 100.0, rtol=0, atol=1e-6)
+    # The two AP definitions agree on the same scores (no ties here).
+    ours = ranking_metrics(scores.double().numpy(), data.labels, np.ones_like(data.labels, dtype=bool),
+                           protocol.classes)  # fmt: skip
+    theirs = zc.average_precision_per_class(scores, torch.from_numpy(data.labels))
+    assert protocol_map(ours, protocol.classes) == pytest.approx(float(theirs.mean()), abs=1e-6)
+
+
+def test_voc_copy_refuses_what_clip_benchmark_cannot_read(bench, tmp_path):
+    with pytest.raises(VgclipError, match="distinct VOC class names"):
+        write_voc2007_copy(bench["root"] / "synth", tmp_path / "a", {"circle": "spaceship"})
+    with pytest.raises(VgclipError, match="has no VOC name"):
+        write_voc2007_copy(bench["root"] / "synth", tmp_path / "b", {"circle": "aeroplane"})
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
