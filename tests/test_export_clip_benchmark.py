@@ -30,8 +30,6 @@ from vgclip.synthetic.writers import SYNTH_CLASSES, write_synthetic_voc
 pytest.importorskip("open_clip")
 pytest.importorskip("clip_benchmark")
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
@@ -73,6 +71,7 @@ def _run_clip_benchmark(bench, monkeypatch) -> float:
     return json.loads(out.read_text())["metrics"]["mean_average_precision"]
 
 
+@pytest.mark.slow
 def test_clip_benchmark_agrees_with_vgclip_zeroshot(bench, monkeypatch, capsys):
     cb_map = _run_clip_benchmark(bench, monkeypatch)
     root, files = bench["root"], bench["files"]
@@ -91,6 +90,7 @@ def test_clip_benchmark_agrees_with_vgclip_zeroshot(bench, monkeypatch, capsys):
     assert ours < report["mAP"]  # 12 of CLIP_benchmark's 20 classes have no positive here and count as 0
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_same_tensors_give_same_scores_and_ap(bench):
     from clip_benchmark.datasets.voc2007 import PASCALVoc2007
@@ -123,9 +123,42 @@ def test_same_tensors_give_same_scores_and_ap(bench):
     assert protocol_map(ours, protocol.classes) == pytest.approx(float(theirs.mean()), abs=1e-6)
 
 
-def test_voc_copy_refuses_what_clip_benchmark_cannot_read(bench, tmp_path):
+def test_voc_copy_is_what_clip_benchmark_reads(tmp_path):
+    from clip_benchmark.datasets.voc2007 import PASCALVoc2007
+
+    from vgclip.data.voc import load_voc
+
+    write_synthetic_voc(tmp_path / "synth", 12, seed=1, min_side=64, max_side=96)
+    class_map = dict(zip(SYNTH_CLASSES, clip_benchmark_protocol().classes))
+    write_voc2007_copy(tmp_path / "synth", tmp_path / "voc2007", class_map)
+    theirs = PASCALVoc2007(str(tmp_path / "voc2007"), "test")
+    ours = load_voc(tmp_path / "synth", "test", list(SYNTH_CLASSES), difficult="positive")
+    assert list(theirs.paths) == ours.image_ids
+    assert np.array_equal(theirs.labels.numpy()[:, : len(SYNTH_CLASSES)], ours.labels)
+    assert not theirs.labels.numpy()[:, len(SYNTH_CLASSES) :].any()
+
     with pytest.raises(VgclipError, match="distinct VOC class names"):
-        write_voc2007_copy(bench["root"] / "synth", tmp_path / "a", {"circle": "spaceship"})
+        write_voc2007_copy(tmp_path / "synth", tmp_path / "a", {"circle": "spaceship"})
     with pytest.raises(VgclipError, match="has no VOC name"):
-        write_voc2007_copy(bench["root"] / "synth", tmp_path / "b", {"circle": "aeroplane"})
+        write_voc2007_copy(tmp_path / "synth", tmp_path / "b", {"circle": "aeroplane"})
+    with pytest.raises(VgclipError, match="not empty"):
+        write_voc2007_copy(tmp_path / "synth", tmp_path / "voc2007", class_map)
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_protocol_files_and_template_file(tmp_path):
+    from vgclip.eval.prompts import read_template_file, templates_for
+
+    protocol = clip_benchmark_protocol()
+    assert len(protocol.classes) == 20 and protocol.classes[10] == "diningtable"
+    files = write_protocol_files(tmp_path, {"aeroplane": "circle"})
+    assert files["classes"].read_text().split("\n")[:2] == ["aeroplane", "bicycle"]
+    assert templates_for(str(files["templates"])) == protocol.templates == ("a photo of a {}.",)
+    assert json.loads(files["clip_benchmark_classnames"].read_text())[DATASET][:2] == ["circle", "bicycle"]
+    (tmp_path / "mine.txt").write_text("# CLIP_benchmark style\na sketch of a {c}.\nthe {}\n")
+    assert read_template_file(tmp_path / "mine.txt") == ("a sketch of a {}.", "the {}")
+    (tmp_path / "bad.txt").write_text("a {} and a {}\n")
+    with pytest.raises(VgclipError, match="exactly one"):
+        read_template_file(tmp_path / "bad.txt")
+    with pytest.raises(VgclipError, match="prompt names for classes CLIP_benchmark does not have: circle"):
+        write_protocol_files(tmp_path, {"circle": "circle"})
