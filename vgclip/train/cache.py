@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgclip.config import Config
+from vgclip.data.epoch_plan import batches_per_rank
 from vgclip.data.pairing import choose_pair, parse_pairing, stable_seed
 from vgclip.data.transforms import stack_images
 from vgclip.train.distributed import DistInfo, barrier
@@ -122,13 +124,19 @@ class FeatureCache:
         return len(self.keys)
 
     def batches(self, *, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """This rank's (features [B,F], tokens) batches of `epoch`: seeded order, last partial batch dropped."""
+        """This rank's (features [B,F], tokens) batches of `epoch` in a seeded order.
+
+        Every rank takes the same number of batches and every row is used: the last global batch
+        is filled up with rows from the start of the epoch's order (data/epoch_plan.py).
+        """
         cfg, seed = self.config.data, self.config.train.seed
         order = list(range(len(self)))
         random.Random(stable_seed("cache-order", seed, epoch)).shuffle(order)
-        order = order[self.rank :: self.world_size]
+        n_batches = batches_per_rank(len(order), self.world_size, cfg.batch_size)
+        slots = n_batches * self.world_size * cfg.batch_size
+        order = (order * math.ceil(slots / max(1, len(order))))[:slots][self.rank :: self.world_size]
         pairing = parse_pairing(cfg.pairing)
-        for b in range(start_batch, len(order) // cfg.batch_size):
+        for b in range(start_batch, n_batches):
             rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             texts = []
             for i in rows:  # the same per-(seed, epoch, image) phrase choice as the shard loader

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vgclip.config import Config, config_to_dict, save_config
+from vgclip.data.epoch_plan import batches_per_rank
 from vgclip.errors import VgclipError
 from vgclip.train import distributed as D
 from vgclip.train import state as S
@@ -47,6 +48,7 @@ class RunContext:
     data_dir: Path
     run_dir: Path
     has_val: bool
+    batches_per_epoch: int  # micro-batches every rank takes per epoch (data/epoch_plan.py)
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,11 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
     n_train, has_val = check_shards(data_dir)
     info = D.init_distributed()
     try:
-        ctx = RunContext(config, info, data_dir, run_dir, has_val)
+        ctx = RunContext(config, info, data_dir, run_dir, has_val,
+                         batches_per_rank(n_train, info.world_size, config.data.batch_size))
         seed_everything(config.train.seed)  # same seed on every rank: identical initial weights
         raw, eval_tf, tokenizer = _build_model(ctx)
-        opt = build_optimization(raw, config.train, total_steps(config, n_train, info.world_size), info.device)
+        opt = build_optimization(raw, config.train, total_steps(config, ctx.batches_per_epoch), info.device)
         pos = _start_position(ctx, raw, opt, resume)
         logger = _prepare_run_folder(ctx, raw, tokenizer, resume_step=None if resume is None else pos.step)
         started, start_step = time.perf_counter(), pos.step
@@ -112,8 +115,9 @@ def _train_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Positi
     loss, tick = math.nan, time.perf_counter()
     try:
         while not (cfg.max_steps and pos.step >= cfg.max_steps):
-            group = [_to_device(ctx, parts, b) for b in itertools.islice(batches, cfg.accum_steps)]
-            if not _group_ready(group, cfg.accum_steps, info):
+            want = min(cfg.accum_steps, ctx.batches_per_epoch - pos.batch_in_epoch)  # the last group may be short
+            group = [_to_device(ctx, parts, b) for b in itertools.islice(batches, max(0, want))]
+            if not _group_ready(group, want, info):
                 return loss, True
             lr = opt.lr
             loss = forward_backward(parts.model, parts.loss_fn, group, autocast=autocast, scaler=opt.scaler,
@@ -143,15 +147,14 @@ def _train_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Positi
     return loss, False
 
 
-def _group_ready(group: list, accum_steps: int, info: D.DistInfo) -> bool:
-    """Whether this group of micro-batches makes a step.
+def _group_ready(group: list, want: int, info: D.DistInfo) -> bool:
+    """Whether this group of micro-batches makes a step: it holds the `want` the plan expects, on every rank.
 
-    One process: a short last group still does. Several: all ranks must take the same steps with
-    the same shapes (the loss all-gathers), so the epoch ends when any rank runs short.
+    All ranks must take the same steps with the same shapes (the loss all-gathers), so should a
+    rank's loader run short of the plan (unreadable images), the epoch ends for all of them.
     """
-    if info.distributed:
-        return D.all_ranks(len(group) == accum_steps, info)
-    return bool(group)
+    ready = want > 0 and len(group) == want
+    return D.all_ranks(ready, info) if info.distributed else ready
 
 
 def _update(opt: Optimization, grad_clip: float) -> tuple[bool, float]:
@@ -200,11 +203,10 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def total_steps(config: Config, n_train: int, world_size: int) -> int:
-    """Optimizer steps in the whole run (the cosine schedule's length)."""
-    # The loader drops each epoch's last partial batch; a last partial accumulation group still steps.
-    batches = max(1, n_train // (config.data.batch_size * world_size))
-    steps = config.train.epochs * math.ceil(batches / config.train.accum_steps)
+def total_steps(config: Config, batches_per_epoch: int) -> int:
+    """Optimizer steps in the whole run (the cosine schedule's length): the steps the loop takes."""
+    # A last partial accumulation group still steps.
+    steps = config.train.epochs * math.ceil(batches_per_epoch / config.train.accum_steps)
     return min(steps, config.train.max_steps) if config.train.max_steps > 0 else steps
 
 
