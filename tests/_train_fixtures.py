@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import socket
 from pathlib import Path
 
 import torch
@@ -90,3 +91,10 @@ def toy_batches(n_batches: int, batch: int, seed: int = 0, size: int = 8, length
         mask[:, 0] = 1
         out.append((images, {"input_ids": ids, "attention_mask": mask}))
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _train_fixtures import ToyClip, toy_batches
+from _train_fixtures import ToyClip, free_port, toy_batches
 from safetensors.torch import load_file, save_file
 
 from vgclip.model.loss import ClipLoss
@@ -20,12 +19,6 @@ from vgclip.train.step import forward_backward
 
 WORLD = 2
 PER_RANK = 3  # micro-batch size per process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_micro_batches(accum: int):
@@ -66,7 +59,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ddp_results(tmp_path_factory):
     """Spawn the two gloo processes once for all cases (process start-up dominates the cost)."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 
@@ -109,7 +102,7 @@ def test_training_loop_under_two_processes(tmp_path):
 
     shards = write_shards(tmp_path / "shards", n_train=32, n_val=8, per_shard=8)  # 2 shards per rank
     run = tmp_path / "run"
-    mp.spawn(_train_worker, args=(_free_port(), str(shards), str(run)), nprocs=WORLD, join=True)
+    mp.spawn(_train_worker, args=(free_port(), str(shards), str(run)), nprocs=WORLD, join=True)
     summaries = [json.loads((run / f"summary-{r}.json").read_text()) for r in range(WORLD)]
     # 16 samples per rank, batch 8: 2 steps per epoch, each over a global batch of 16.
     assert [s["steps"] for s in summaries] == [4, 4]

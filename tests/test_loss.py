@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _train_fixtures import free_port
 
 from vgclip.model.loss import ClipLoss
 
@@ -65,12 +65,6 @@ def test_a_world_size_without_its_process_group_is_an_error():
         ClipLoss(rank=2, world_size=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, images, texts, results) -> None:
     import torch.distributed as dist
 
@@ -102,7 +96,7 @@ def test_distributed_loss_covers_the_global_batch():
     texts = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, images, texts, results)) for r in range(world)]
     for p in procs:
         p.start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import write_shards
+from _train_fixtures import free_port, write_shards
 from safetensors.torch import load_file
 
 WORLD = 2
@@ -25,15 +24,9 @@ OVERRIDES = ["data.num_workers=0", "data.batch_size=4", "train.epochs=2", "train
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(shards: Path, run: Path, *extra: str) -> list[subprocess.Popen]:
     """The two processes torchrun would start (its environment variables), each in its own session."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(WORLD):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
