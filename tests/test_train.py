@@ -220,3 +220,21 @@ def test_temperature_above_the_cap_comes_back_down(shards, tmp_path):
     train(cfg, shards, tmp_path / "run")
     scale = float(vgclip.load_checkpoint(tmp_path / "run")[0].logit_scale.detach())
     assert 4.5 < scale < math.log(100)
+
+
+def test_an_epoch_cut_short_by_the_loader_is_noted(shards, tmp_path, monkeypatch):
+    import itertools
+
+    import vgclip.data.loader as loader_module
+
+    real = loader_module.make_loader
+
+    def short_loader(*args, **kwargs):  # a loader that gives 2 of the 4 planned batches (e.g. unreadable images)
+        batches = real(*args, **kwargs)
+        return itertools.islice(batches, 2) if kwargs.get("train") else batches
+
+    monkeypatch.setattr(loader_module, "make_loader", short_loader)
+    summary = train(load_config("tiny", TINY), shards, tmp_path / "run")
+    assert summary["steps"] == 2
+    notes = [r["note"] for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open()) if r["note"]]
+    assert notes == ["epoch ended after 2 of 4 planned micro-batches: a rank's loader ran short"]

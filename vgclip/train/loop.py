@@ -315,6 +315,9 @@ def _end_of_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Posit
         val = _validate(ctx, parts)
         logger.log(pos.step, "val", epoch=epoch, **{k: v for k, v in val.items() if k != "samples"})
     D.barrier(ctx.info)
+    if finished and pos.batch_in_epoch < ctx.batches_per_epoch and logger:  # data the epoch did not see
+        logger.log(pos.step, "train", epoch=epoch, note=f"epoch ended after {pos.batch_in_epoch} of "
+                   f"{ctx.batches_per_epoch} planned micro-batches: a rank's loader ran short")
     if finished:
         pos.epoch, pos.batch_in_epoch = epoch + 1, 0
     pos.val_loss = val.get("loss")
