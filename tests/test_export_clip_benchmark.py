@@ -41,7 +41,9 @@ def bench(tmp_path_factory):
     """An offline-small run (pretrained towers, untrained heads), its export, the VOC copy and protocol files."""
     root = tmp_path_factory.mktemp("bench")
     config = vgclip.load_config("offline-small")
-    model, _, tokenizer = vgclip.create_model(config)
+    with torch.random.fork_rng():  # the untrained projection heads: a fixed draw
+        torch.manual_seed(0)
+        model, _, tokenizer = vgclip.create_model(config)
     save_model(root / "run", model, tokenizer, config)
     export_open_clip(root / "run", root / "open_clip")
     write_synthetic_voc(root / "synth", 80, seed=0)
