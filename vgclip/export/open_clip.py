@@ -19,13 +19,18 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from vgclip.model.clip import ClipModel
+    from vgclip.model.text_tower import Tokenizer
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -57,8 +62,9 @@ def require_open_clip():
     return open_clip
 
 
-def check_expressible(model: torch.nn.Module) -> None:
+def check_expressible(model: ClipModel) -> None:
     """Raise VgclipError when a tower or head of `model` has no open_clip counterpart."""
+    require_open_clip()
     from open_clip.hf_configs import arch_dict
 
     text_cfg = model.config.text
@@ -74,7 +80,7 @@ def check_expressible(model: torch.nn.Module) -> None:
         raise VgclipError("projection heads with a bias cannot be expressed in open_clip's linear projections")
 
 
-def open_clip_config(model: torch.nn.Module, text_source: str) -> dict[str, Any]:
+def open_clip_config(model: ClipModel, text_source: str) -> dict[str, Any]:
     """open_clip_config.json for `model`; `text_source` is where open_clip finds the HF config and tokenizer."""
     cfg = model.config
     return {
@@ -110,7 +116,7 @@ def open_clip_config(model: torch.nn.Module, text_source: str) -> dict[str, Any]
     }
 
 
-def open_clip_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def open_clip_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
     """vgclip's weights under open_clip's names (CustomTextCLIP with TimmModel + HFTextEncoder)."""
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
@@ -129,7 +135,7 @@ def open_clip_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def write_open_clip_folder(model: torch.nn.Module, tokenizer, folder: Path, text_source: str) -> list[str]:
+def write_open_clip_folder(model: ClipModel, tokenizer: Tokenizer, folder: Path, text_source: str) -> list[str]:
     """Write the open_clip files for `model` into the existing `folder`; returns the file names."""
     from vgclip.model.checkpoint import write_safetensors
 
@@ -165,10 +171,12 @@ def load_open_clip_folder(folder: str | Path, text_source: str | None = None):
 
 
 @torch.inference_mode()
-def embedding_differences(model, tokenizer, oc_model, oc_tokenizer, images: torch.Tensor, texts) -> tuple[float, float]:
+def embedding_differences(model: ClipModel, tokenizer: Tokenizer, oc_model: torch.nn.Module, oc_tokenizer,
+                          images: torch.Tensor, texts: Sequence[str]) -> tuple[float, float]:  # fmt: skip
     """Largest absolute difference of the normalised image and text embeddings, vgclip vs open_clip."""
     image_diff = model.encode_image(images) - oc_model.encode_image(images, normalize=True)
-    text_diff = model.encode_text(tokenizer(list(texts))) - oc_model.encode_text(oc_tokenizer(list(texts)), normalize=True)
+    texts = list(texts)
+    text_diff = model.encode_text(tokenizer(texts)) - oc_model.encode_text(oc_tokenizer(texts), normalize=True)
     return float(image_diff.abs().max()), float(text_diff.abs().max())
 
 
