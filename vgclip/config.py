@@ -27,6 +27,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCORES = ("softmax", "sigmoid", "cosine")
 TEMPLATES = ("single", "ensemble")
 DIFFICULT_MODES = ("ignore", "positive")
+LOSSES = ("clip", "multipositive")
 
 
 def _at_least(key: str, value: float, low: float) -> None:
@@ -172,6 +173,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 10
     local_loss: bool = False
+    # "clip": InfoNCE; "multipositive": identical texts in a batch are positives of each other (model/loss.py).
+    loss: str = "clip"
     checkpoint_every: int = 500  # optimizer steps between resumable checkpoints; 0: only at epoch end
     val_max_samples: int = 5000  # validation pairs per epoch (recall@K needs an N x N similarity matrix)
     # LiT: with a fully locked image tower and no augmentation, embed each image once and train on the cache.
@@ -179,6 +182,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _one_of("train.precision", self.precision, PRECISIONS)
+        _one_of("train.loss", self.loss, LOSSES)
         for key in ("epochs", "max_steps", "warmup_steps", "checkpoint_every"):
             _at_least(f"train.{key}", getattr(self, key), 0)
         for key in ("accum_steps", "log_every", "keep_checkpoints", "max_bad_steps", "val_max_samples"):

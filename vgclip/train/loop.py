@@ -264,7 +264,8 @@ def _training_parts(ctx: RunContext, raw: nn.Module, eval_tf, tokenizer) -> Part
     if cfg.compile:
         model = torch.compile(model)
     return Parts(model, raw, tokenizer, raw.image_transform(train=ctx.config.data.augment), eval_tf,
-                 ClipLoss(rank=info.rank, world_size=info.world_size, local_loss=cfg.local_loss), cache)
+                 ClipLoss(rank=info.rank, world_size=info.world_size, local_loss=cfg.local_loss,
+                          multi_positive=cfg.loss == "multipositive"), cache)
 
 
 def _batches(ctx: RunContext, parts: Parts, epoch: int, *, start: int) -> Iterator:

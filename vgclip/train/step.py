@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vgclip.model.loss import ContrastiveLoss, text_keys
+
 Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor]]
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _RngReplay:
@@ -47,9 +48,21 @@ def _backward(loss: torch.Tensor, scaler: Any) -> None:
     (scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss).backward()
 
 
+def _loss(loss_fn: ContrastiveLoss, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
+          keys: torch.Tensor | None) -> torch.Tensor:
+    return loss_fn(images, texts, scale) if keys is None else loss_fn(images, texts, scale, keys)
+
+
+def _batch_keys(loss_fn: ContrastiveLoss, micro_batches: Sequence[Batch]) -> torch.Tensor | None:
+    """The text keys of the whole accumulated batch, when the loss counts identical texts as positives."""
+    if not loss_fn.multi_positive:
+        return None
+    return torch.cat([text_keys(tokens) for _, tokens in micro_batches])
+
+
 def forward_backward(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: ContrastiveLoss,
     micro_batches: Sequence[Batch],
     *,
     autocast: Callable[[], contextlib.AbstractContextManager],
@@ -61,19 +74,20 @@ def forward_backward(
     Returns the loss value, or NaN/inf without touching any gradient when the loss is not finite
     (`all_finite` lets distributed runs agree on that, so every rank skips the same step).
     """
+    keys = _batch_keys(loss_fn, micro_batches)
     if len(micro_batches) == 1:
         images, tokens = micro_batches[0]
         with autocast():
             out = model(images, tokens)
-            loss = loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+            loss = _loss(loss_fn, out["image_embeds"], out["text_embeds"], out["logit_scale"], keys)
         if not all_finite(loss.detach()):
             return float(loss.detach())
         _backward(loss, scaler)
         return float(loss.detach())
-    return _cached_forward_backward(model, loss_fn, micro_batches, autocast, scaler, all_finite)
+    return _cached_forward_backward(model, loss_fn, micro_batches, autocast, scaler, all_finite, keys)
 
 
-def _cached_forward_backward(model, loss_fn, micro_batches, autocast, scaler, all_finite) -> float:
+def _cached_forward_backward(model, loss_fn, micro_batches, autocast, scaler, all_finite, keys) -> float:
     device = micro_batches[0][0].device
     replays: list[_RngReplay] = []
     cached_img: list[torch.Tensor] = []
@@ -84,7 +98,7 @@ def _cached_forward_backward(model, loss_fn, micro_batches, autocast, scaler, al
             out = model(images, tokens)
             cached_img.append(out["image_embeds"])
             cached_txt.append(out["text_embeds"])
-        loss = loss_fn(torch.cat(cached_img), torch.cat(cached_txt), out["logit_scale"])
+        loss = _loss(loss_fn, torch.cat(cached_img), torch.cat(cached_txt), out["logit_scale"], keys)
     if not all_finite(loss):
         return float(loss)
     after = _RngReplay(device)
@@ -102,7 +116,7 @@ def _cached_forward_backward(model, loss_fn, micro_batches, autocast, scaler, al
                 # gradient, otherwise it would be counted K times. The last one, because DDP
                 # expects every parameter to receive a gradient in the synchronising pass.
                 scale = out["logit_scale"] if i == last else out["logit_scale"].detach()
-                micro_loss = loss_fn(img, txt, scale)
+                micro_loss = _loss(loss_fn, img, txt, scale, keys)
             _backward(micro_loss, scaler)
     after.restore()  # continue the random stream as if each micro-batch had been seen once
     return float(loss)
