@@ -14,7 +14,8 @@ from vgclip.errors import ConfigError
 def test_presets_load_and_carry_the_seed_settings():
     assert {"seed", "offline-small", "tiny"} <= set(preset_names())
     seed = load_config("seed")
-    assert seed.model.image.name == "efficientnet_b5" and seed.model.image.weights == "hub"
+    assert seed.model.image.name == "tf_efficientnet_b5.aa_in1k" and seed.model.image.weights == "hub"
+    assert seed.model.image.image_size == 456 and seed.data.num_workers == -1 and seed.train.precision == "auto"
     assert seed.model.text.name == "google/bert_uncased_L-4_H-512_A-8"
     assert (seed.data.batch_size, seed.train.lr, seed.train.weight_decay) == (128, 1e-4, 1e-4)
     small = load_config("offline-small")
@@ -94,10 +95,10 @@ def test_config_is_frozen_and_round_trips_through_yaml(tmp_path):
         ("model.max_logit_scale=0.5", "model.max_logit_scale must be >= 1.0"),
         ("data.pairing=combine:0", "data.pairing='combine:0'"),
         ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
-        ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("data.num_workers=-2", "data.num_workers must be >= -1, got -2"),
         ("data.tar_reader=tarfile", "data.tar_reader='tarfile': expected one of direct, webdataset"),
         ("train.accum_steps=0", "train.accum_steps must be >= 1, got 0"),
-        ("train.precision=fp8", "train.precision='fp8': expected one of fp32, bf16, fp16"),
+        ("train.precision=fp8", "train.precision='fp8': expected one of auto, fp32, bf16, fp16"),
         ("train.lr=0", "train.lr must be > 0, got 0.0"),
         ("train.epochs=-1", "train.epochs must be >= 0, got -1"),
         ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1, got 0"),

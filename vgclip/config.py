@@ -23,7 +23,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 TEXT_WEIGHTS = ("pretrained", "none")
 TEXT_POOLINGS = ("mean", "cls")
 TAR_READERS = ("direct", "webdataset")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCORES = ("softmax", "sigmoid", "cosine")
 TEMPLATES = ("single", "ensemble")
 DIFFICULT_MODES = ("ignore", "positive")
@@ -126,6 +126,8 @@ class DataConfig:
 
     pairing: str = "single"  # "single", "combine:K" or "region"
     batch_size: int = 128
+    # Loader processes per training process; -1: from the CPUs each process has, resolved when a
+    # run starts (train/runtime.py; the seed preset's GPU setting).
     num_workers: int = 2
     shuffle_buffer: int = 2000
     augment: bool = True  # random resized crop + flip at train time
@@ -142,7 +144,7 @@ class DataConfig:
 
         parse_pairing(self.pairing)  # ConfigError naming data.pairing
         _at_least("data.batch_size", self.batch_size, 1)
-        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.num_workers", self.num_workers, -1)
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
         _at_least("data.region_margin", self.region_margin, 0.0)
         _at_least("data.region_min_size", self.region_min_size, 0)
@@ -161,7 +163,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16"
+    # "auto": bf16 autocast on a GPU that supports it, else fp32 (resolved when a run starts).
+    precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16"
+    tf32: bool = True  # TF32 matmuls and convolutions on GPUs that have them (fp32 runs)
     accum_steps: int = 1
     # NHWC convolutions: faster on CPU (oneDNN) and the layout tensor cores want.
     channels_last: bool = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
@@ -11,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from vgclip.config import Config, ModelConfig
-from vgclip.model.image_tower import ImageTower, build_image_tower
+from vgclip.model.image_tower import ImageTower, build_image_tower, resolved_image_config
 from vgclip.model.lock import lock_tower, set_frozen_eval
 from vgclip.model.text_tower import TextTower, Tokenizer, build_text_tower, token_inputs
 
@@ -90,6 +91,9 @@ def build_model(config: ModelConfig) -> tuple[ClipModel, Tokenizer]:
     """Build the towers (loading their weights), the projections, and apply locking."""
     visual = build_image_tower(config.image)
     text, tokenizer = build_text_tower(config.text)
+    # model.config records what timm chose (weights tag, mean/std): a run saves it, so its
+    # preprocessing never changes with a timm upgrade.
+    config = dataclasses.replace(config, image=resolved_image_config(config.image, visual))
     model = ClipModel(visual, text, config)
     if config.image.lock:
         lock_tower(visual.trunk, config.image.unlocked_blocks)

@@ -7,6 +7,7 @@ to a `.safetensors` / `.pth` / `.pt` / `.bin` state dict.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +58,16 @@ def build_image_tower(cfg: ImageTowerConfig) -> ImageTower:
         trunk = _create_from_file(cfg.name, Path(source))
     mean, std = _normalisation(cfg, trunk)
     return ImageTower(trunk, cfg.image_size, mean, std)
+
+
+def resolved_image_config(cfg: ImageTowerConfig, tower: ImageTower) -> ImageTowerConfig:
+    """`cfg` with timm's choices written in: the pretrained tag of hub weights (`name.tag`) and the
+    mean/std in use. A saved run then rebuilds the same weights and preprocessing on any timm version."""
+    name = cfg.name
+    tag = (getattr(tower.trunk, "pretrained_cfg", None) or {}).get("tag")
+    if cfg.weights == "hub" and "." not in name and tag:
+        name = f"{name}.{tag}"
+    return dataclasses.replace(cfg, name=name, mean=tower.mean, std=tower.std)
 
 
 def _normalisation(cfg: ImageTowerConfig, trunk: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

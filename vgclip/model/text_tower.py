@@ -50,18 +50,28 @@ class Tokenizer:
     compute on padding. The loader tokenises whole batches at once, so batches still stack.
     """
 
-    def __init__(self, hf_tokenizer, max_length: int):
+    def __init__(self, hf_tokenizer, max_length: int, *, fixed_length: bool = False):
         if max_length < 2:
             raise VgclipError(f"model.text.max_length must be at least 2, got {max_length}")
         self.hf_tokenizer = hf_tokenizer
         self.max_length = max_length
+        self.fixed_length = fixed_length
+
+    def with_fixed_length(self) -> Tokenizer:
+        """The same tokenizer padding every call to `max_length`.
+
+        For `train.compile`: a compiled graph is specialised to its input shapes, and a text
+        length that changes from batch to batch would make torch.compile trace again.
+        """
+        return Tokenizer(self.hf_tokenizer, self.max_length, fixed_length=True)
 
     def __call__(self, texts: list[str] | str) -> dict[str, torch.Tensor]:
-        """Tokenise, truncate at `max_length`, pad to the longest text in `texts`."""
+        """Tokenise, truncate at `max_length`, pad to the longest text in `texts` (or to max_length)."""
         if isinstance(texts, str):
             texts = [texts]
+        padding = "max_length" if self.fixed_length else "longest"
         encoded = self.hf_tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {
             "input_ids": encoded["input_ids"].long(),

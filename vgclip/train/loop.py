@@ -13,13 +13,12 @@ the optimizer TrainConfig.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,16 @@ from torch import nn
 
 from vgclip.config import Config, config_to_dict, save_config
 from vgclip.data.epoch_plan import batches_per_rank
+from vgclip.data.shards import as_location
 from vgclip.errors import VgclipError
 from vgclip.train import distributed as D
 from vgclip.train import state as S
 from vgclip.train.evaluate import validate
 from vgclip.train.grads import clip_gradients, keep_embedding_grads, zero_grads
+from vgclip.train.inputs import DataReport, ValSource, check_shards
 from vgclip.train.logging import MetricsLogger
 from vgclip.train.optim import Optimization, build_optimization
+from vgclip.train.runtime import autocast_for, configure_device, report_memory, resolve_for_device
 from vgclip.train.step import forward_backward
 
 
@@ -45,10 +47,11 @@ class RunContext:
 
     config: Config
     info: D.DistInfo
-    data_dir: Path
+    data_dir: Path | str  # a local folder, or a URL / shard pattern (vgclip.data.shards)
     run_dir: Path
-    has_val: bool
+    val: ValSource | None  # where validation reads (inputs.py), None: no validation
     batches_per_epoch: int  # micro-batches every rank takes per epoch (data/epoch_plan.py)
+    data_report: DataReport = field(default_factory=DataReport)  # skips of this session's loaders
 
 
 @dataclass(frozen=True)
@@ -65,23 +68,30 @@ class Parts:
 
 
 def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: str | Path | None = None,
-          voc_root: str | Path | None = None) -> dict[str, Any]:
-    """Train CLIP on the shards in `data_dir`; write the run folder `out_dir`; return a summary.
+          voc_root: str | Path | None = None, val_data: str | Path | None = None) -> dict[str, Any]:
+    """Train CLIP on the shards at `data_dir`; write the run folder `out_dir`; return a summary.
+
+    `data_dir` / `val_data`: any location vgclip.data.shards reads (folder, URL, brace pattern, pipe:);
+    validation reads `val_data` if given, else the val split of a `data_dir` folder (inputs.py).
 
     `resume`: "latest" (newest checkpoint of `out_dir`) or a checkpoint folder.
     `voc_root`: if given, the final model is evaluated zero-shot on Pascal VOC (summary["zeroshot"]).
     """
-    data_dir, run_dir = Path(data_dir), Path(out_dir)
-    n_train, has_val = check_shards(data_dir)
+    run_dir = Path(out_dir)
+    n_train, val_source = check_shards(data_dir, config.data, val_data)
     info = D.init_distributed()
     try:
-        ctx = RunContext(config, info, data_dir, run_dir, has_val,
+        config = resolve_for_device(config, info)  # "auto" settings -> this hardware's; saved as resolved
+        configure_device(config, info)
+        ctx = RunContext(config, info, as_location(data_dir), run_dir, val_source,
                          batches_per_rank(n_train, info.world_size, config.data.batch_size))
         seed_everything(config.train.seed)  # same seed on every rank: identical initial weights
         raw, eval_tf, tokenizer = _build_model(ctx)
+        ctx = replace(ctx, config=replace(config, model=raw.config))  # timm's weight tag and mean/std resolved
         opt = build_optimization(raw, config.train, total_steps(config, ctx.batches_per_epoch), info.device)
         pos = _start_position(ctx, raw, opt, resume)
         logger = _prepare_run_folder(ctx, raw, tokenizer, resume_step=None if resume is None else pos.step)
+        report_memory(config, info, raw, tokenizer)  # before the first step: will the batch fit?
         started, start_step = time.perf_counter(), pos.step
         last_loss, val = math.nan, {}
         try:
@@ -171,36 +181,11 @@ def _update(opt: Optimization, grad_clip: float) -> tuple[bool, float]:
     return True, grad_norm
 
 
-def check_shards(data_dir: Path) -> tuple[int, bool]:
-    """(number of training samples, whether a val split exists); one-line errors for bad folders."""
-    from vgclip.data.loader import count_samples, list_shards
-
-    if not data_dir.is_dir():
-        raise VgclipError(f"--data {data_dir}: no such folder (create shards with `vgclip prepare`)")
-    list_shards(data_dir, "train")  # one-line VgclipError when there are none
-    n_train = count_samples(data_dir, "train")
-    if n_train <= 0:
-        raise VgclipError(f"--data {data_dir}: the train shards hold no usable samples")
-    try:
-        has_val = count_samples(data_dir, "val") > 0
-    except VgclipError:  # no val split: train without validation
-        has_val = False
-    return n_train, has_val
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of autocast contexts for a (validated) train.precision; 'fp32' -> no autocast."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def total_steps(config: Config, batches_per_epoch: int) -> int:
@@ -253,6 +238,8 @@ def _training_parts(ctx: RunContext, raw: nn.Module, eval_tf, tokenizer) -> Part
     from vgclip.train.cache import CachedImageClip, build_feature_cache, cache_applies
 
     cfg, info = ctx.config.train, ctx.info
+    if cfg.compile:  # one compiled graph: text batches padded to max_length never change shape
+        tokenizer = tokenizer.with_fixed_length()
     cache, module = None, raw
     if cache_applies(ctx.config):  # the image tower can never change: embed each image once
         cache = build_feature_cache(ctx.config, data_dir=ctx.data_dir, run_dir=ctx.run_dir, visual=raw.visual,
@@ -278,6 +265,7 @@ def _batches(ctx: RunContext, parts: Parts, epoch: int, *, start: int) -> Iterat
     loader = make_loader(ctx.data_dir, "train", ctx.config.data, parts.train_tf, parts.tokenizer, train=True,
                          seed=ctx.config.train.seed, epoch=epoch, rank=ctx.info.rank,
                          world_size=ctx.info.world_size, start_batch=start, normalize=False)
+    ctx.data_report.track(loader)  # its skips and unreadable shards go to the run summary
     return iter(loader)  # the loader keeps its iterator's seed draw out of the global random stream
 
 
@@ -312,7 +300,7 @@ def _end_of_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Posit
                   epoch: int, finished: bool) -> dict[str, float]:
     """Validate (rank 0), then checkpoint (at the start of the next epoch if this one is finished)."""
     val: dict[str, float] = {}
-    if ctx.has_val and ctx.info.is_main:
+    if ctx.val is not None and ctx.info.is_main:
         val = _validate(ctx, parts)
         logger.log(pos.step, "val", epoch=epoch, **{k: v for k, v in val.items() if k != "samples"})
     D.barrier(ctx.info)
@@ -333,8 +321,9 @@ def _validate(ctx: RunContext, parts: Parts) -> dict[str, float]:
     from vgclip.data.loader import make_loader
 
     data_cfg = replace(ctx.config.data, augment=False)
-    batches = make_loader(ctx.data_dir, "val", data_cfg, parts.eval_tf, parts.tokenizer, train=False,
+    batches = make_loader(ctx.val.location, ctx.val.split, data_cfg, parts.eval_tf, parts.tokenizer, train=False,
                           seed=ctx.config.train.seed, epoch=0)
+    ctx.data_report.track(batches)
     rng = S.rng_state()  # validation must not shift the training random stream
     try:
         return validate(parts.raw, batches, device=ctx.info.device,
@@ -367,7 +356,10 @@ def _finish(ctx: RunContext, parts: Parts, pos: S.Position, n_train: int, loss: 
         "run_dir": str(ctx.run_dir), "steps": pos.step, "epochs": pos.epoch, "train_samples": n_train,
         "samples_seen": pos.samples_seen, "final_train_loss": loss, "val": val,
         "best_val_loss": pos.best_val_loss, "bad_steps": pos.bad_steps, "seconds": seconds,
-        "steps_this_session": pos.step - start_step,
+        "steps_this_session": pos.step - start_step, "data": str(ctx.data_dir),
+        "val_data": None if ctx.val is None else str(ctx.val.location),
+        # this session's reads, all ranks: samples skipped by reason, shards that broke off (their URLs)
+        **ctx.data_report.summary(lambda blob: D.gather_bytes(blob, ctx.info)),
     }
 
 
