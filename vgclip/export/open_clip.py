@@ -37,6 +37,15 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 # vgclip pooling -> open_clip HF pooler. Not "cls_pooler": with a model built from a config it would use
 # BERT's pooler head (dense + tanh) instead of the CLS token state that vgclip pools.
 POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
+# vgclip weight name <-> open_clip weight name, the one table export and loading both read. An entry
+# ending in "." maps every name under that prefix; the others map one name.
+NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("visual.trunk.", "visual.trunk."),
+    ("text.transformer.", "text.transformer."),
+    ("image_proj.weight", "visual.head.proj.weight"),
+    ("text_proj.weight", "text.proj.weight"),
+    ("logit_scale", "logit_scale"),
+)
 # Largest embedding difference the export accepts from open_clip's rebuild (same modules, same weights:
 # only summation order differs, e.g. text padded to the context length instead of the longest prompt).
 EXPORT_TOLERANCE = 1e-4
@@ -116,22 +125,39 @@ def open_clip_config(model: ClipModel, text_source: str) -> dict[str, Any]:
     }
 
 
+def _renamed(key: str, to_open_clip: bool) -> str | None:
+    """`key` under the other side's names (NAME_MAP), or None when the table has no entry for it."""
+    for ours, theirs in NAME_MAP:
+        source, target = (ours, theirs) if to_open_clip else (theirs, ours)
+        if source.endswith(".") and key.startswith(source):
+            return target + key[len(source) :]
+        if key == source:
+            return target
+    return None
+
+
+def open_clip_name(key: str) -> str | None:
+    """open_clip's name for vgclip weight `key` (None: no counterpart)."""
+    return _renamed(key, to_open_clip=True)
+
+
+def vgclip_name(key: str) -> str | None:
+    """vgclip's name for open_clip weight `key` (None: no counterpart)."""
+    return _renamed(key, to_open_clip=False)
+
+
 def open_clip_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
     """vgclip's weights under open_clip's names (CustomTextCLIP with TimmModel + HFTextEncoder)."""
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
-        if key.startswith(("visual.trunk.", "text.transformer.")):
-            renamed[key] = tensor
-        elif key == "image_proj.weight":
-            renamed["visual.head.proj.weight"] = tensor
-        elif key == "text_proj.weight":
-            renamed["text.proj.weight"] = tensor
-        elif key == "logit_scale":
+        name = open_clip_name(key)
+        if name is None:
+            raise VgclipError(f"weight '{key}' has no place in an open_clip model; this run cannot be exported")
+        if key == "logit_scale":
             # vgclip clamps exp(logit_scale) at max_logit_scale when it scores; open_clip uses the value as
             # stored, so store the clamped value and both sides scale logits alike.
-            renamed[key] = tensor.detach().clamp(max=math.log(model.max_logit_scale))
-        else:
-            raise VgclipError(f"weight '{key}' has no place in an open_clip model; this run cannot be exported")
+            tensor = tensor.detach().clamp(max=math.log(model.max_logit_scale))
+        renamed[name] = tensor
     return renamed
 
 

@@ -65,14 +65,18 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
     """Read a safetensors file into `model`; VgclipError listing the keys that do not fit."""
-    state = read_safetensors(path)
+    load_state(model, read_safetensors(path), str(path), strict=strict)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """Load `state` into `model`; VgclipError naming `source` and the keys that do not fit."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
-        raise VgclipError(f"weights file {path} does not fit the model: {str(exc)[:300]}") from None
+        raise VgclipError(f"weights file {source} does not fit the model: {str(exc)[:300]}") from None
     if strict and (missing or unexpected):
         raise VgclipError(
-            f"weights file {path} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"weights file {source} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
 
@@ -116,7 +120,8 @@ def save_model(run_dir: str | Path, model: nn.Module, tokenizer, config: Config)
 def _locate(path: Path) -> tuple[Path, Path]:
     """(folder holding config.yaml + text_tower/, weights file) for a run folder or a file inside it."""
     if not path.exists():
-        raise VgclipError(f"checkpoint {path} does not exist (expected a run folder or its {WEIGHTS_FILE})")
+        raise VgclipError(f"checkpoint {path} does not exist (expected a run folder, its {WEIGHTS_FILE}, "
+                          f"or an open_clip export folder)")  # fmt: skip
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if weights.suffix != ".safetensors":
         weights = path.parent / WEIGHTS_FILE
@@ -149,14 +154,28 @@ def checkpoint_config(run_dir: str | Path) -> Config:
     return dataclasses.replace(config, model=model_cfg)
 
 
+def open_clip_folder_of(path: Path) -> Path | None:
+    """The open_clip export folder `path` is, or holds the file `path` (None for anything else)."""
+    from vgclip.export.open_clip_load import is_open_clip_folder
+
+    folder = path if path.is_dir() else path.parent
+    return folder if is_open_clip_folder(folder) and not (folder / CONFIG_FILE).is_file() else None
+
+
 def load_checkpoint(path: str | Path):
-    """Rebuild (model, eval image transform, tokenizer) from a run folder or its model.safetensors.
+    """Rebuild (model, eval image transform, tokenizer) from a run folder, its model.safetensors, or an
+    open_clip export folder (`vgclip export`, or any open_clip folder with towers vgclip builds).
 
     Needs no hub access and no weight packages: both towers are built with random init from the
     saved config, then the saved weights are loaded strictly. The model is returned in eval mode.
     """
     from vgclip.model.clip import create_model
 
+    export = open_clip_folder_of(Path(path))
+    if export is not None:
+        from vgclip.export.open_clip_load import load_open_clip_export
+
+        return load_open_clip_export(export)
     run_dir, weights = _locate(Path(path))
     model, transform, tokenizer = create_model(checkpoint_config(run_dir))
     load_weights(model, weights, strict=True)
