@@ -240,6 +240,10 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, hub_id: str | 
                 f"open_clip's rebuild of {checkpoint} differs from vgclip (largest embedding difference: image "
                 f"{image_diff:.2e}, text {text_diff:.2e}; allowed {EXPORT_TOLERANCE:g}); not exported"
             )
+        from vgclip.export.model_card import final_model_run, write_export_card
+
+        write_export_card(staging, out_dir, final_model_run(checkpoint), hub_id)
+        files = sorted(p.name for p in staging.iterdir() if p.is_file())
         _replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

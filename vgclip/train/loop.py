@@ -107,6 +107,10 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
         summary = _finish(ctx, parts, pos, n_train, last_loss, val, time.perf_counter() - started, start_step)
         if voc_root is not None and info.is_main:
             summary["zeroshot"] = _zeroshot(ctx, parts, Path(voc_root))
+        if info.is_main:  # after the zero-shot report, so the model card (RUN/README.md) can quote it
+            from vgclip.export.model_card import finish_run_card
+
+            finish_run_card(ctx.run_dir, summary, world_size=info.world_size, device=str(info.device))
         return summary
     finally:
         D.cleanup(info)

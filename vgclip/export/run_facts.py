@@ -1,0 +1,210 @@
+"""What a model card says about a run, read from the run folder.
+
+A run folder holds config.yaml and metrics.csv; `run_info.json` (written here at the end of training)
+adds what only the training process knew: how long it trained, on what hardware, on which shards, and
+the zero-shot report `vgclip zeroshot` last wrote for the run. Everything is read defensively: a card
+leaves out what a run does not have rather than failing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from vgclip.io import atomic_write_text
+
+RUN_INFO_FILE = "run_info.json"
+METRICS_FILE = "metrics.csv"
+REPORT_DIR = "zeroshot"  # where `vgclip train --voc-root` writes its zero-shot report
+VAL_COLUMNS = ("loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFacts:
+    """The run's facts a card shows; None where the run has none."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    preset: str | None
+    preset_diffs: tuple[str, ...]
+    training: dict[str, Any] | None
+    data: dict[str, Any] | None
+    val: dict[str, Any] | None
+    zeroshot: dict[str, Any] | None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when missing or unreadable (a card leaves the part out)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def hardware(device: str) -> str:
+    """A short description of the device a process trained on."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    if dev.type != "cpu":
+        return dev.type
+    name = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {name}, {threads} threads"
+
+
+def record_training(run_dir: Path, summary: dict[str, Any], *, world_size: int, device: str) -> dict[str, Any]:
+    """Write RUN/run_info.json from train()'s summary; training time adds up over resumed sessions."""
+    import timm
+    import torch
+    import transformers
+
+    previous = read_json(run_dir / RUN_INFO_FILE) or {}
+    resumed = summary.get("steps_this_session", 0) < summary.get("steps", 0)
+    seconds = float(summary.get("seconds", 0.0)) + (float(previous.get("train_seconds", 0.0)) if resumed else 0.0)
+    info = {
+        "train_seconds": seconds,
+        "sessions": int(previous.get("sessions", 0)) + 1 if resumed else 1,
+        "steps": summary.get("steps"), "epochs": summary.get("epochs"),
+        "samples_seen": summary.get("samples_seen"), "train_samples": summary.get("train_samples"),
+        "final_train_loss": summary.get("final_train_loss"), "best_val_loss": summary.get("best_val_loss"),
+        "data": summary.get("data"), "val_data": summary.get("val_data"),
+        "hardware": hardware(device), "processes": world_size,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
+    }
+    if previous.get("zeroshot_report"):
+        info["zeroshot_report"] = previous["zeroshot_report"]
+    atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps(info, indent=1, default=str) + "\n")
+    return info
+
+
+def remember_report(run_dir: Path, report_dir: Path) -> None:
+    """Note in RUN/run_info.json the zero-shot report folder `vgclip zeroshot` wrote for the run."""
+    info = read_json(run_dir / RUN_INFO_FILE) or {}
+    info["zeroshot_report"] = str(Path(report_dir).resolve())
+    atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps(info, indent=1, default=str) + "\n")
+
+
+def nearest_preset(config: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """The built-in preset `config` differs least from, and the settings (`key: preset -> run`) that differ."""
+    from vgclip.config import config_to_dict, load_config
+
+    flat = _flatten(config)
+    best: tuple[str | None, tuple[str, ...]] = (None, ())
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        try:
+            preset = _flatten(config_to_dict(load_config(path.stem)))
+        except Exception:  # a preset this vgclip cannot load says nothing about the run
+            continue
+        diffs = tuple(f"{k}: {preset.get(k)!r} -> {flat.get(k)!r}" for k in sorted(set(flat) | set(preset))
+                      if preset.get(k) != flat.get(k))  # fmt: skip
+        if best[0] is None or len(diffs) < len(best[1]):
+            best = (path.stem, diffs)
+    return best
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def data_summary(location: str | None) -> dict[str, Any] | None:
+    """Source, format, per-split counts and skips from the shards' manifest.json, when the shards are local."""
+    if not location:
+        return None
+    manifest = read_json(Path(location) / "manifest.json") if Path(location).is_dir() else None
+    if manifest is None:
+        return {"location": location, "manifest": None}
+    splits = manifest.get("splits") or {}
+    skipped = (manifest.get("skipped") or {}).get("counts") or {}
+    return {
+        "location": location, "manifest": str(Path(location) / "manifest.json"),
+        "source": (manifest.get("inputs") or {}).get("source"), "format": manifest.get("format"),
+        "splits": {name: {k: (len(v) if k == "shards" else v) for k, v in entry.items()}
+                   for name, entry in splits.items() if isinstance(entry, dict)},  # fmt: skip
+        "skipped": sum(v for v in skipped.values() if isinstance(v, int)),
+    }
+
+
+def last_validation(run_dir: Path) -> dict[str, Any] | None:
+    """The last validation row of metrics.csv (epoch, step, loss, recall@1/5/10 both ways), numbers as floats."""
+    try:
+        with open(run_dir / METRICS_FILE, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("split") == "val"]
+    except OSError:
+        return None
+    if not rows:
+        return None
+    row = rows[-1]
+    values: dict[str, Any] = {"step": row.get("step"), "epoch": row.get("epoch")}
+    for key in VAL_COLUMNS:
+        try:
+            values[key] = float(row[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return values
+
+
+def zeroshot_summary(run_dir: Path, report_dir: Path | None = None) -> dict[str, Any] | None:
+    """Headline numbers of the run's zero-shot report: `report_dir` if given, else the newest of
+    RUN/zeroshot and the report run_info.json names. A report older than the weights is of an earlier
+    model (training went on since) and is not shown."""
+    if report_dir is not None:
+        candidates = [Path(report_dir)]
+    else:
+        named = (read_json(run_dir / RUN_INFO_FILE) or {}).get("zeroshot_report")
+        candidates = [run_dir / REPORT_DIR] + ([Path(named)] if named else [])
+    weights = run_dir / "model.safetensors"
+    made = weights.stat().st_mtime if weights.is_file() else 0.0
+    fresh = [p / "report.json" for p in candidates if (p / "report.json").is_file()
+             and (p / "report.json").stat().st_mtime >= made]  # fmt: skip
+    if not fresh:
+        return None
+    path = max(fresh, key=lambda p: p.stat().st_mtime)
+    report = read_json(path)
+    if report is None or not isinstance(report.get("mAP"), (int, float)):
+        return None
+    settings = report.get("settings") or {}
+    return {
+        "report": str(path.parent), "mAP": float(report["mAP"]), "chance": report.get("chance_mean"),
+        "mAP_voc07_11pt": report.get("mAP_voc07_11pt"), "voc_root": settings.get("voc_root"),
+        "split": settings.get("split"), "images": (report.get("data") or {}).get("evaluated_images"),
+        "classes": len(settings.get("classes") or []), "score": settings.get("score"),
+        "templates": settings.get("templates"), "difficult": settings.get("difficult"),
+    }
+
+
+def gather_run_facts(run_dir: str | Path, report_dir: Path | None = None) -> RunFacts:
+    """Everything a card says about the run at `run_dir` (a complete run folder)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    preset, diffs = nearest_preset(config)
+    training = read_json(run_dir / RUN_INFO_FILE)
+    training = training if training and "train_seconds" in training else None
+    return RunFacts(
+        run_dir=run_dir.resolve(), config=config, preset=preset, preset_diffs=diffs, training=training,
+        data=data_summary(training.get("data") if training else None), val=last_validation(run_dir),
+        zeroshot=zeroshot_summary(run_dir, report_dir),
+    )
