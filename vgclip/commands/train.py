@@ -12,11 +12,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train CLIP on prepared shards (checkpoints, exact resume, accumulation, DDP)",
-        description="Train on SHARDS/train (validating on SHARDS/val each epoch when present) and write the run "
-        "folder: config.yaml, model.safetensors, text_tower/, metrics.csv, checkpoints/step-N/. "
+        description="Train on SHARDS/train (validating on SHARDS/val each epoch when present, or on --val-data) "
+        "and write the run folder: config.yaml, model.safetensors, text_tower/, metrics.csv, checkpoints/step-N/. "
+        "--data and --val-data take a folder written by `vgclip prepare`, the same behind https:// s3:// gs://, "
+        "a brace pattern of tar files ('cc3m/{00000..00331}.tar', img2dataset / open_clip layout) or pipe:COMMAND. "
         "Several GPUs: torchrun --nproc_per_node N -m vgclip.cli train ...",
     )
-    p.add_argument("--data", required=True, type=Path, help="shard folder written by `vgclip prepare`")
+    p.add_argument("--data", required=True, help="shards: a folder written by `vgclip prepare` (or its URL), "
+                   "a brace pattern of tar files, or pipe:COMMAND")
+    p.add_argument("--val-data", help="validation shards, same forms as --data (a folder: its val split; a pattern: "
+                   "all of it); default: the val split of the --data folder, none for a pattern")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--config", help="preset name (tiny, offline-small, seed) or a YAML file; default: "
                    "the run's config.yaml when resuming, else offline-small (works with no network)")
@@ -51,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
             raise VgclipError(f"{args.out} already holds a run's checkpoints: pass --resume latest to continue it "
                               "or --overwrite to start again")
         shutil.rmtree(checkpoints)
-    summary = train(config, args.data, args.out, resume=args.resume, voc_root=args.voc_root)
+    summary = train(config, args.data, args.out, resume=args.resume, voc_root=args.voc_root,
+                    val_data=args.val_data)
+    if summary["failed_shards"]:
+        import sys
+
+        print(f"vgclip train: warning: {len(summary['failed_shards'])} shard(s) could not be read to the end and "
+              f"were skipped: {' '.join(summary['failed_shards'])}", file=sys.stderr)
     print(json.dumps(summary, default=str))
     return 0
 

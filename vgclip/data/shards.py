@@ -50,12 +50,29 @@ def is_pattern(location: str | Path) -> bool:
     return text.startswith("pipe:") or "{" in text or text.rstrip("/").endswith(".tar")
 
 
+def as_location(data: str | Path) -> Shard:
+    """`--data` as the loader takes it: a URL, `pipe:` command or pattern stays a str (Path would fold
+    `s3://` into `s3:/`), a local folder becomes a Path."""
+    text = str(data)
+    return text if is_remote(text) or is_pattern(text) else Path(text)
+
+
+def pattern_split(location: str | Path, split: str) -> str:
+    """The split to read at `location` for `split`: a pattern's shards are all one split, "train"."""
+    return "train" if is_pattern(location) else split
+
+
 def list_shards(data: str | Path, split: str) -> list[Shard]:
     """The shards of `split`: local paths (a local folder) or URLs. One-line VgclipError if there are none."""
     if is_pattern(data):
         if split != "train":
             raise VgclipError(f"{data}: a shard pattern has no '{split}' split (give it its own --val-data)")
-        return expand_pattern(str(data))
+        shards = expand_pattern(str(data))
+        missing = [s for s in shards if not is_remote(s) and not Path(s).is_file()]
+        if missing:
+            raise VgclipError(f"{data}: no such shard file(s): {', '.join(missing[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        return shards
     manifest = read_manifest(data)
     if manifest is None:
         if is_remote(data):
