@@ -14,7 +14,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write open_clip_config.json, open_clip_model.safetensors and the text tower's config and "
         "tokenizer files, so that open_clip.create_model_and_transforms('local-dir:OUT') loads the model. "
         "Before the folder is written in place, open_clip rebuilds the model from it and its embeddings are "
-        "compared with vgclip's.",
+        "compared with vgclip's. The folder gets a model card (README.md), so it can be uploaded to the Hub as it is.",
     )
     p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
     p.add_argument("--format", choices=("open_clip",), default="open_clip", help="target format (open_clip)")
@@ -33,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {args.checkpoint} -> {result.out_dir} ({', '.join(result.files)})")
     print(f"open_clip rebuild: largest embedding difference image {result.image_max_diff:.1e}, "
           f"text {result.text_max_diff:.1e}")  # fmt: skip
-    print(f"load with: open_clip.create_model_and_transforms('local-dir:{result.out_dir}')")
+    print(f"load with: open_clip.create_model_and_transforms('local-dir:{result.out_dir}'), or "
+          f"vgclip.load_checkpoint('{result.out_dir}'); model card: {result.out_dir / 'README.md'}")
     return 0

@@ -17,7 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "on a separate split and apply them to the evaluation split. Writes report.json, report.md, scores.csv, "
         "thresholds.json and PNG plots to --out.",
     )
-    p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors; its model card "
+                   "README.md then quotes this report), or an open_clip export folder")  # fmt: skip
     p.add_argument("--voc-root", required=True, type=Path, help="VOC20xx folder, its VOCdevkit, or the folder above")
     p.add_argument("--split", default="test", help="evaluation split (ImageSets/Main/<split>.txt; default test)")
     p.add_argument("--tune-split", default="trainval", help="split to tune thresholds on ('none' to skip; default trainval)")
@@ -78,4 +79,9 @@ def run(args: argparse.Namespace) -> int:
                           options, device=args.device)  # fmt: skip
     print(summary_table(report))
     print(f"report: {args.out / 'report.md'}")
+    from vgclip.export.model_card import refresh_after_zeroshot
+
+    card = refresh_after_zeroshot(args.checkpoint, args.out)
+    if card is not None:
+        print(f"model card: {card}")
     return 0
