@@ -169,3 +169,20 @@ def test_export_folder_has_a_card_for_the_hub(exported):
     assert f'create_model_and_transforms("local-dir:{exported / "export"}")' in text
     assert f'vgclip.load_checkpoint("{exported / "export"}")' in text
     assert f"from the run `{(exported / 'run').resolve()}`" in text
+
+
+def test_serve_scores_with_the_export(exported):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vgclip.serve.startup import ServeSetup, build_app
+
+    image = sorted((exported / "voc" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[0]
+    scores = []
+    for checkpoint in ("run", "export"):
+        with TestClient(build_app(ServeSetup(exported / checkpoint))) as client:
+            response = client.post("/api/predict", data={"labels": "dog,car"},
+                                   files=[("images", (image.name, image.read_bytes()))])  # fmt: skip
+            assert response.status_code == 200, response.text
+            scores.append(response.json()["results"][0]["scores"])
+    assert scores[1] == pytest.approx(scores[0], abs=1e-6) and set(scores[0]) == {"dog", "car"}
