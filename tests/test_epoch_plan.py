@@ -99,7 +99,8 @@ class IdTokenizer:
                 "attention_mask": torch.ones(len(texts), 1, dtype=torch.long)}
 
 
-def _write_uneven_shards(root: Path) -> int:
+def _write_uneven_shards(root: Path, bad: frozenset[int] = frozenset()) -> int:
+    """SIZES samples in three shards, `item N` paired with image N; the images in `bad` do not decode."""
     import io
 
     import webdataset as wds
@@ -112,26 +113,73 @@ def _write_uneven_shards(root: Path) -> int:
             for _ in range(size):
                 buf = io.BytesIO()
                 Image.new("RGB", (16, 16), (item * 5 % 255, 40, 90)).save(buf, format="JPEG")
+                jpg = buf.getvalue()[:40] if item in bad else buf.getvalue()
                 meta = {"image_id": item, "width": 16, "height": 16, "regions": [{"phrase": f"item {item}", "box": None}]}
-                sink.write({"__key__": f"vg-{item:09d}", "jpg": buf.getvalue(), "json": json.dumps(meta).encode()})
+                sink.write({"__key__": f"vg-{item:09d}", "jpg": jpg, "json": json.dumps(meta).encode()})
                 item += 1
     return item
 
 
-@pytest.mark.xfail(strict=True, reason="data/loader.py still splits whole shards per rank; it passes once the "
-                   "loader reads data/epoch_plan.py's pieces (then remove this marker)")
-def test_loader_four_ranks_two_workers_three_unequal_shards(tmp_path):
+def _epoch(root: Path, rank: int, *, epoch: int = 0, start_batch: int = 0, world: int = WORLD):
     from vgclip.data.loader import make_loader
     from vgclip.data.transforms import build_image_transform
 
-    n = _write_uneven_shards(tmp_path)
     cfg = load_config("tiny", [f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}", "data.augment=false"]).data
-    per_rank = []
-    for rank in range(WORLD):
-        loader = make_loader(tmp_path, "train", cfg, build_image_transform(16), IdTokenizer(), train=True, seed=0,
-                             epoch=0, rank=rank, world_size=WORLD)
-        per_rank.append([tokens["input_ids"][:, 0].tolist() for _, tokens in loader])
+    loader = make_loader(root, "train", cfg, build_image_transform(16), IdTokenizer(), train=True, seed=0,
+                         epoch=epoch, rank=rank, world_size=world, start_batch=start_batch)
+    return loader, [tokens["input_ids"][:, 0].tolist() for _, tokens in loader]
+
+
+def test_loader_four_ranks_two_workers_three_unequal_shards(tmp_path):
+    n = _write_uneven_shards(tmp_path)
     steps = batches_per_rank(n, WORLD, BATCH)
-    assert [len(batches) for batches in per_rank] == [steps] * WORLD  # equal steps per rank
+    for epoch in (0, 1):
+        loaders, per_rank = zip(*(_epoch(tmp_path, rank, epoch=epoch) for rank in range(WORLD)))
+        assert [len(batches) for batches in per_rank] == [steps] * WORLD  # equal steps per rank
+        assert all(len(batch) == BATCH for batches in per_rank for batch in batches)
+        seen = collections.Counter(i for batches in per_rank for batch in batches for i in batch)
+        assert set(seen) == set(range(n))  # no sample lost
+        duplicates = sum(seen.values()) - n
+        assert duplicates == loaders[0].plan.duplicates < WORLD * BATCH  # repeats counted and bounded
+        assert all(loader.repeated == 0 and loader.skipped == {} for loader in loaders)
+    assert _epoch(tmp_path, 2, epoch=0)[1] != _epoch(tmp_path, 2, epoch=1)[1]  # each epoch its own order
+
+
+def test_loader_resumes_mid_epoch_on_every_rank(tmp_path):
+    _write_uneven_shards(tmp_path)
+    for rank in (0, 3):  # the last rank reads the repeats
+        fresh = _epoch(tmp_path, rank)[1]
+        for start in (1, 3, 5):
+            assert _epoch(tmp_path, rank, start_batch=start)[1] == fresh[start:], (rank, start)
+
+
+def test_undecodable_images_are_skipped_and_their_slots_filled_with_counted_repeats(tmp_path):
+    bad = frozenset({4, 30})
+    n = _write_uneven_shards(tmp_path, bad)
+    loaders, per_rank = zip(*(_epoch(tmp_path, rank) for rank in range(WORLD)))
+    assert [len(batches) for batches in per_rank] == [batches_per_rank(n, WORLD, BATCH)] * WORLD  # still equal steps
+    assert all(len(batch) == BATCH for batches in per_rank for batch in batches)
     seen = collections.Counter(i for batches in per_rank for batch in batches for i in batch)
-    assert set(seen) == set(range(n)) and sum(seen.values()) - n < WORLD * BATCH  # none lost, repeats bounded
+    assert set(seen) == set(range(n)) - bad
+    assert sum(loader.skipped.get("bad_image", 0) for loader in loaders) == len(bad)
+    # Each slot of a bad image (in its own range, or in a repeat that fills the last global batch) is
+    # given to a repeat of an earlier sample, counted.
+    repeated = sum(loader.repeated for loader in loaders)
+    assert len(bad) <= repeated <= len(bad) + loaders[0].plan.duplicates
+    assert sum(seen.values()) - len(seen) == loaders[0].plan.duplicates + len(bad)
+
+
+@pytest.mark.slow
+def test_a_run_over_uneven_shards_ends_its_schedule_on_its_last_step(tmp_path):
+    """One process, 2 workers: the loop takes the planned steps and the cosine reaches 0 with the last one."""
+    from vgclip.train.loop import train
+
+    n = _write_uneven_shards(tmp_path / "shards")
+    config = load_config("tiny", [f"data.batch_size={BATCH * 2}", f"data.num_workers={WORKERS}", "train.epochs=1",
+                                  "train.accum_steps=2", "train.warmup_steps=1", "train.checkpoint_every=0"])
+    summary = train(config, tmp_path / "shards", tmp_path / "run")
+    per_epoch = batches_per_rank(n, 1, BATCH * 2)  # 42 samples, batch 4: 11 micro-batches, 6 steps (last: 1)
+    assert summary["steps"] == total_steps(config, per_epoch) == math.ceil(per_epoch / 2) == 6
+    assert summary["samples_seen"] == per_epoch * BATCH * 2  # every micro-batch, the repeats included
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "state.json").read_text())
+    assert state["scheduler"]["last_epoch"] == 6 and state["scheduler"]["_last_lr"][0] == pytest.approx(0.0)

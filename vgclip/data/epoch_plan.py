@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Piece:
-    """Samples [start, stop) of shard `shard` (an index into the epoch's shard list)."""
+    """Samples [start, stop) of shard `shard` (an index into the epoch's shard list); `repeat`: a
+    second reading that fills the last global batch (its samples were already read this epoch)."""
 
     shard: int
     start: int
     stop: int
+    repeat: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ def plan_epoch(shard_sizes: Sequence[int], *, world_size: int, workers: int, bat
     return EpochPlan(per_rank, position - n if n else 0, tuple(batches), tuple(pieces))
 
 
+def span_pieces(begin: int, end: int, shard_sizes: Sequence[int]) -> list[Piece]:
+    """Positions [begin, end) of the sequence of all shards' samples, as per-shard sample ranges
+    (no wrapping: `end` <= the number of samples)."""
+    starts = [0]
+    for size in shard_sizes[:-1]:
+        starts.append(starts[-1] + size)
+    return _pieces(begin, end, shard_sizes, starts, max(1, sum(shard_sizes)))
+
+
 def _pieces(begin: int, end: int, sizes: Sequence[int], starts: list[int], n: int) -> list[Piece]:
     """Sequence positions [begin, end), wrapping past `n`, as per-shard sample ranges."""
     out, position = [], begin
@@ -74,6 +85,6 @@ def _pieces(begin: int, end: int, sizes: Sequence[int], starts: list[int], n: in
         q = position % n
         shard = bisect.bisect_right(starts, q) - 1  # the last shard starting at or before q: never an empty one
         take = min(end - position, starts[shard] + sizes[shard] - q)
-        out.append(Piece(shard, q - starts[shard], q - starts[shard] + take))
+        out.append(Piece(shard, q - starts[shard], q - starts[shard] + take, repeat=position >= n))
         position += take
     return out

@@ -1,17 +1,22 @@
 """Streaming multi-worker loader over the WebDataset shards written by `vgclip prepare`.
 
-Order is a pure function of (seed, epoch, rank, world_size, num_workers):
-shard list shuffled by (seed, epoch) -> split by rank -> split by worker -> raw samples (bytes +
-parsed JSON) -> shuffle buffer seeded by (seed, epoch, rank, worker) -> skip (resume) -> decode,
-pair, transform -> batches (DataLoader collate: stack + tokenise, in the worker).
-Images are decoded only after the resume skip, so restoring a position costs a read, not a decode.
+Training order is a pure function of (seed, epoch, rank, world_size, num_workers):
+shard list shuffled by (seed, epoch) -> the epoch plan (data/epoch_plan.py: every rank the same
+number of batches, every worker whole batches, each worker a list of pieces = shard + range of
+usable samples) -> raw samples of this worker's pieces (bytes + parsed JSON) -> shuffle buffer
+seeded by (seed, epoch, rank, worker) -> skip (resume) -> decode, pair, transform -> batches
+(DataLoader collate: stack + tokenise, in the worker). Images are decoded only after the resume
+skip, so restoring a position costs a read, not a decode. The plan needs each shard's count of
+usable samples: read once per process from the tar headers and JSON (no image bytes).
+A sample that fails to decode leaves its worker one short; the worker fills its last batch with
+counted repeats of its first samples (`ShardLoader.repeated`), so every rank still takes the
+planned number of steps. Evaluation reads whole shards (split by rank, then worker) in file order.
 
 Batches reach the caller round-robin over the workers (a worker that runs out drops out of the
 rotation; that is how torch's DataLoader interleaves iterable workers). To resume at batch k the
-loader counts the samples of each worker's shards (tar headers + JSON, no images), replays that
-rotation to find how many batches each worker had given, and rotates worker ids so that the
-rotation continues where it stopped. Exact unless a skipped-over image is corrupt (then the
-resumed epoch is shifted by that many samples).
+loader replays that rotation over each worker's batch count (the plan's; evaluation counts its
+shards) and rotates worker ids so that the rotation continues where it stopped. Exact unless a
+skipped-over image is corrupt (then the resumed epoch is shifted by that many samples).
 
 Shards may be local or remote (`vgclip.data.shards`). A remote shard whose stream breaks is read
 again from its start (the samples already given are passed over) up to `SHARD_RETRIES` times, then
@@ -24,13 +29,11 @@ whole-image region.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import multiprocessing
 import os
 import random
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,29 +44,28 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vgclip.config import DataConfig
 from vgclip.data.decoding import decode_image
+from vgclip.data.epoch_plan import EpochPlan, plan_epoch
 from vgclip.data.images import BadImageError
-from vgclip.data.pairing import Box, Pairing, choose_pair, metadata_problem, mirror_text, parse_pairing, stable_seed
-from vgclip.data.shards import READ_ERRORS, Shard, is_pattern, is_remote, list_shards, manifest_count, read_samples
+from vgclip.data.pairing import Box, Pairing, choose_pair, mirror_text, parse_pairing, stable_seed
+from vgclip.data.samples import RETRY_WAIT_S, RawSample, ShardRange, raw_samples, read_ranges, shard_sizes
+from vgclip.data.shards import Shard, is_pattern, list_shards, manifest_count
 from vgclip.data.transforms import PixelTransform, stack_images
 from vgclip.errors import VgclipError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["count_samples", "list_shards", "make_loader", "raw_samples", "round_robin", "ShardLoader"]
+__all__ = ["count_samples", "list_shards", "make_loader", "raw_samples", "read_ranges", "round_robin",
+           "shard_sizes", "ShardLoader", "ShardRange"]
 
 SKIP_REASONS = ("bad_tar", "missing_json", "missing_jpg", "bad_json", "no_phrases", "bad_image")
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
-SHARD_RETRIES = 2  # extra reads of a remote shard whose stream broke, before it counts as skipped
-RETRY_WAIT_S = 0.5  # doubled after each retry
-RawSample = tuple[str, bytes, dict[str, Any], str]  # key, image bytes, parsed metadata, shard url
 
 
 def count_samples(data: str | Path, split: str, tar_reader: str = "direct") -> int:
-    """Number of samples (images) in `split`: the manifest's count, else counted from the tar headers."""
+    """Number of usable samples in `split`: the manifest's count, else counted as the loader plans them."""
     count = manifest_count(data, split)
     if count is not None:  # written by `vgclip prepare`
         return count
-    return sum(_scan_shard(shard, tar_reader, check_text=False) for shard in list_shards(data, split))
+    return sum(shard_sizes(list_shards(data, split), tar_reader))
 
 
 def make_loader(
@@ -96,20 +98,21 @@ def make_loader(
         raise VgclipError(f"data.pairing={data_cfg.pairing} needs region phrases, but shards given as a pattern "
                           f"({shard_dir}) are read as caption shards (one caption per image): use data.pairing=single")
     shards = list_shards(shard_dir, split)
+    workers = max(1, data_cfg.num_workers)
+    plan = None
     if train:
         random.Random(stable_seed("shards", seed, epoch)).shuffle(shards)
-    rank_shards = shards[rank::world_size]
-    workers = max(1, data_cfg.num_workers)
-    if len(rank_shards) < workers:
-        logger.warning("rank %d has %d shard(s) for %d worker(s): some workers stay idle",
-                       rank, len(rank_shards), workers)
-    skips, rotation = [0] * workers, 0
-    if start_batch:
-        skips, rotation = _resume_plan(rank_shards, workers, data_cfg, train, start_batch)
+        plan, reads, batches = _train_reads(shards, data_cfg, workers, rank, world_size)
+    else:
+        reads, batches = _eval_reads(shards, data_cfg, workers, rank, world_size, start_batch)
+    given, rotation = round_robin(batches, start_batch)
+    if sum(given) < start_batch:
+        logger.warning("start_batch %d is past the end of the epoch (%d batches)", start_batch, sum(batches))
     counts = SkipCounts()
     dataset = _ShardStream(
-        rank_shards, pairing, data_cfg, image_transform, train=train, seed=seed, epoch=epoch, rank=rank,
-        skips=skips, rotation=rotation, counts=counts,
+        shards, reads, pairing, data_cfg, image_transform, train=train, seed=seed, epoch=epoch, rank=rank,
+        skips=[g * data_cfg.batch_size for g in given], rotation=rotation, counts=counts,
+        targets=[b * data_cfg.batch_size for b in batches] if train else None,
     )
     if data_cfg.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork = warnings
@@ -119,16 +122,44 @@ def make_loader(
         collate_fn=_Collate(tokenizer, image_transform.normalize if normalize else None),
         num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
     )
-    return ShardLoader(loader, counts)
+    return ShardLoader(loader, counts, plan)
+
+
+def _train_reads(shards: list[Shard], cfg: DataConfig, workers: int, rank: int, world_size: int
+                 ) -> tuple[EpochPlan, list[list[ShardRange]], list[int]]:
+    """(the epoch plan, this rank's ranges per worker, batches per worker) for a training epoch."""
+    sizes = shard_sizes(shards, cfg.tar_reader)
+    plan = plan_epoch(sizes, world_size=world_size, workers=workers, batch_size=cfg.batch_size)
+    if plan.duplicates and rank == 0:
+        logger.info("epoch plan: %d batches per rank; %d of %d samples read twice to fill the last global batch",
+                    plan.batches_per_rank, plan.duplicates, sum(sizes))
+    reads = [[ShardRange(p.shard, p.start, None if p.stop == sizes[p.shard] else p.stop, not p.repeat)
+              for p in pieces] for pieces in plan.pieces[rank]]
+    return plan, reads, list(plan.worker_batches[rank])
+
+
+def _eval_reads(shards: list[Shard], cfg: DataConfig, workers: int, rank: int, world_size: int,
+                start_batch: int) -> tuple[list[list[ShardRange]], list[int]]:
+    """Whole shards in file order, split by rank then by worker; batches per worker (counted to resume)."""
+    mine = list(range(rank, len(shards), world_size))
+    if len(mine) < workers:
+        logger.warning("rank %d has %d shard(s) for %d worker(s): some workers stay idle", rank, len(mine), workers)
+    reads = [[ShardRange(i) for i in mine[w::workers]] for w in range(workers)]
+    if not start_batch:
+        return reads, [0] * workers  # nothing to replay
+    sizes = [sum(shard_sizes([shards[r.shard] for r in worker], cfg.tar_reader)) for worker in reads]
+    return reads, [math.ceil(n / cfg.batch_size) for n in sizes]
 
 
 class ShardLoader:
     """Iterable over one epoch's batches; `skipped` counts bad samples by reason (all workers),
-    `failed_shards` lists the shards (URLs) that could not be read to the end."""
+    `failed_shards` lists the shards (URLs) that could not be read to the end, `repeated` the
+    samples given twice to fill a worker's last batch after such losses, `plan` the training epoch's plan."""
 
-    def __init__(self, loader: DataLoader, counts: SkipCounts) -> None:
+    def __init__(self, loader: DataLoader, counts: SkipCounts, plan: EpochPlan | None = None) -> None:
         self.loader = loader
         self.counts = counts
+        self.plan = plan
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         # Starting a DataLoader iterator draws a base seed from torch's global RNG; the loader does
@@ -144,19 +175,31 @@ class ShardLoader:
     def failed_shards(self) -> list[str]:
         return self.counts.failed_shards()
 
+    @property
+    def repeated(self) -> int:
+        return self.counts.repeated
+
 
 class SkipCounts:
     """Skip counters shared by the worker processes (a lock-protected shared-memory array), and
     the shards that failed (a queue the workers write and the main process drains)."""
 
     def __init__(self) -> None:
-        self._array = multiprocessing.Array("q", len(SKIP_REASONS))
+        self._array = multiprocessing.Array("q", len(SKIP_REASONS) + 1)  # + samples repeated to fill a batch
         self._failed_queue = multiprocessing.SimpleQueue()
         self._failed: list[str] = []
 
     def add(self, reason: str) -> None:
         with self._array.get_lock():
             self._array[SKIP_REASONS.index(reason)] += 1
+
+    def add_repeats(self, n: int) -> None:
+        with self._array.get_lock():
+            self._array[len(SKIP_REASONS)] += n
+
+    @property
+    def repeated(self) -> int:
+        return int(self._array[len(SKIP_REASONS)])
 
     def fail_shard(self, url: str) -> None:
         self._failed_queue.put(url)
@@ -174,32 +217,70 @@ class SkipCounts:
 class _ShardStream(IterableDataset):
     """The per-worker sample stream (see the module docstring for the stages)."""
 
-    def __init__(self, shards: list[Shard], pairing: Pairing, cfg: DataConfig, transform: PixelTransform, *,
-                 train: bool, seed: int, epoch: int, rank: int, skips: list[int], rotation: int,
-                 counts: SkipCounts) -> None:
+    def __init__(self, shards: list[Shard], reads: list[list[ShardRange]], pairing: Pairing, cfg: DataConfig,
+                 transform: PixelTransform, *, train: bool, seed: int, epoch: int, rank: int, skips: list[int],
+                 rotation: int, counts: SkipCounts, targets: list[int] | None) -> None:
         super().__init__()
-        self.shards, self.pairing, self.cfg, self.transform = shards, pairing, cfg, transform
+        self.shards, self.reads, self.pairing, self.cfg, self.transform = shards, reads, pairing, cfg, transform
         self.train, self.seed, self.epoch, self.rank = train, seed, epoch, rank
-        self.skips, self.rotation, self.counts = skips, rotation, counts
+        self.skips, self.rotation, self.counts, self.targets = skips, rotation, counts, targets
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         info = get_worker_info()
         slot, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != len(self.skips):
-            raise RuntimeError(f"planned for {len(self.skips)} workers, running with {workers}")
+        if workers != len(self.reads):
+            raise RuntimeError(f"planned for {len(self.reads)} workers, running with {workers}")
         worker = (slot + self.rotation) % workers
-        samples = raw_samples(self.shards[worker::workers], self._skip, self.cfg.tar_reader, self.counts.fail_shard)
+        # Training gives exactly the planned samples; the first few are kept to fill in for bad images
+        # (kept while skipping too, so that a resumed epoch fills in with the same ones).
+        target = None if self.targets is None else self.targets[worker] - self.skips[worker]
+        spares: list[RawSample] = []
+        given = 0
+        for index, (sample, counted) in enumerate(self._samples(worker)):
+            if target is not None and len(spares) < self.cfg.batch_size:
+                spares.append(sample)
+            if index < self.skips[worker]:
+                continue
+            if target is not None and given >= target:
+                break
+            example = self._try_example(sample, counted)
+            if example is not None:
+                given += 1
+                yield example
+        if target is not None and given < target:
+            yield from self._fill(spares, target - given)
+
+    def _samples(self, worker: int) -> Iterator[tuple[RawSample, bool]]:
+        """(raw sample, whether its range counts skips) of this worker's ranges, shuffled when training."""
+        samples: Iterator[tuple[RawSample, bool]] = (
+            (sample, part.counted) for part in self.reads[worker]
+            for sample in read_ranges(self.shards, [part], self._skip, self.cfg.tar_reader, self.counts.fail_shard,
+                                      retry_wait_s=RETRY_WAIT_S))  # this module's: a test may set it to 0
         if self.train and self.cfg.shuffle_buffer > 1:
             rng = random.Random(stable_seed("samples", self.seed, self.epoch, self.rank, worker))
             samples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(samples)
-        for key, image, meta, url in itertools.islice(samples, self.skips[worker], None):
-            try:
-                example = self._example(key, image, meta)
-            except (BadImageError, OSError, ValueError, RuntimeError) as exc:
-                # Whatever one odd image does to the decoder or transform, the epoch goes on.
+        return samples
+
+    def _try_example(self, sample: RawSample, counted: bool) -> tuple[torch.Tensor, str] | None:
+        """The example, or None for an image that does not decode (a skip, unless it was counted already)."""
+        key, image, meta, url = sample
+        try:
+            return self._example(key, image, meta)
+        except (BadImageError, OSError, ValueError, RuntimeError) as exc:
+            # Whatever one odd image does to the decoder or transform, the epoch goes on.
+            if counted:
                 self._skip("bad_image", key, url, str(exc))
-                continue
-            yield example
+            return None
+
+    def _fill(self, spares: list[RawSample], missing: int) -> Iterator[tuple[torch.Tensor, str]]:
+        """`missing` repeats of the worker's first usable samples, so that it still gives whole batches."""
+        examples = [e for e in (self._try_example(s, counted=False) for s in spares) if e is not None]
+        if not examples:
+            return  # nothing usable at all: this worker gives fewer batches (the loop ends the epoch)
+        logger.warning("rank %d: %d sample(s) could not be used; repeating earlier ones to keep whole batches",
+                       self.rank, missing)
+        self.counts.add_repeats(missing)
+        yield from itertools.islice(itertools.cycle(examples), missing)
 
     def _skip(self, reason: str, key: str, url: str, detail: str = "") -> None:
         self.counts.add(reason)
@@ -227,66 +308,6 @@ class _ShardStream(IterableDataset):
             # A flipped image must not keep a phrase that says "on the left".
             flip = rng.random() < 0.5
             return self.transform.pixels(image, flip=flip), mirror_text(text) if flip else text
-
-
-def raw_samples(shards: list[Shard], skip: Callable[..., None], tar_reader: str = "direct",
-                fail_shard: Callable[[str], None] | None = None) -> Iterator[RawSample]:
-    """(key, image bytes, parsed metadata, shard) of the usable samples of `shards`; others go to `skip`.
-
-    A damaged local shard counts one `bad_tar` and gives the samples before the damage. A remote
-    one is first read again from its start (passing over the samples already given), up to
-    `SHARD_RETRIES` times; a shard that stays broken is also passed to `fail_shard`.
-    """
-    for shard in shards:
-        url, done = str(shard), 0  # done: samples of this shard already given or skipped
-        for attempt in itertools.count():
-            try:
-                for index, (key, parts) in enumerate(read_samples(shard, tar_reader)):
-                    if index < done:
-                        continue
-                    done += 1
-                    reason, image, meta = _sample_parts(parts)
-                    if reason is None:
-                        yield key, image, meta, url
-                    else:
-                        skip(reason, key, url)
-                break
-            except READ_ERRORS as exc:
-                if is_remote(shard) and attempt < SHARD_RETRIES:
-                    logger.warning("%s: read failed (%s); reading it again (%d of %d)", url, exc, attempt + 1,
-                                   SHARD_RETRIES)
-                    time.sleep(RETRY_WAIT_S * 2**attempt)
-                    continue
-                skip("bad_tar", "-", url, f"{type(exc).__name__}: {str(exc)[:300]}")
-                if fail_shard is not None:
-                    fail_shard(url)
-                break
-
-
-def _sample_parts(parts: dict[str, bytes]) -> tuple[str | None, bytes, Any]:
-    """(skip reason or None, image bytes, metadata) from the raw parts of one sample; no decoding.
-
-    vgclip samples carry regions in `json`; img2dataset / open_clip ones a caption (`txt`, or
-    `caption` in `json`), which becomes one whole-image region.
-    """
-    if "json" not in parts and "txt" not in parts:
-        return "missing_json", b"", None
-    image = next((parts[suffix] for suffix in IMAGE_SUFFIXES if suffix in parts), None)
-    if image is None:
-        return "missing_jpg", b"", None
-    meta: Any = None
-    if "json" in parts:
-        try:
-            meta = json.loads(parts["json"])
-        except (ValueError, UnicodeDecodeError):
-            return "bad_json", image, None
-        if isinstance(meta, dict) and "regions" in meta:
-            return metadata_problem(meta), image, meta
-    caption = meta.get("caption") if isinstance(meta, dict) else None
-    if "txt" in parts:
-        caption = parts["txt"].decode("utf-8", "replace")
-    meta = {"regions": [{"phrase": caption, "box": None}]}
-    return metadata_problem(meta), image, meta
 
 
 def _as_tensor(value: Any) -> Any:
@@ -319,18 +340,6 @@ def _check_args(rank: int, world_size: int, start_batch: int) -> None:
         raise VgclipError(f"start_batch must be >= 0, got {start_batch}")
 
 
-def _resume_plan(shards: list[Shard], workers: int, cfg: DataConfig, drop_last: bool,
-                 start_batch: int) -> tuple[list[int], int]:
-    """(samples each worker skips, worker-id rotation) so the epoch continues at `start_batch`."""
-    batch_size = cfg.batch_size
-    sizes = [sum(_scan_shard(p, cfg.tar_reader, check_text=True) for p in shards[w::workers]) for w in range(workers)]
-    batches = [n // batch_size if drop_last else math.ceil(n / batch_size) for n in sizes]
-    given, next_worker = round_robin(batches, start_batch)
-    if sum(given) < start_batch:
-        logger.warning("start_batch %d is past the end of the epoch (%d batches)", start_batch, sum(batches))
-    return [g * batch_size for g in given], next_worker
-
-
 def round_robin(batches: list[int], first: int) -> tuple[list[int], int]:
     """Replay the DataLoader's rotation over workers with `batches` batches each for `first` batches.
 
@@ -346,17 +355,3 @@ def round_robin(batches: list[int], first: int) -> tuple[list[int], int]:
     return given, turn
 
 
-def _scan_shard(shard: Shard, tar_reader: str, *, check_text: bool) -> int:
-    """Samples in one shard, as `raw_samples` gives them (with `check_text`: parsing the JSON / text,
-    without: every sample with an image and a text member), reading no image bytes."""
-    count = 0
-    wanted = (lambda suffix: check_text and suffix in ("json", "txt"))
-    try:
-        for _key, parts in read_samples(shard, tar_reader, wanted=wanted):
-            if check_text:
-                count += _sample_parts(parts)[0] is None
-            else:
-                count += any(s in parts for s in IMAGE_SUFFIXES) and ("json" in parts or "txt" in parts)
-    except READ_ERRORS as exc:
-        logger.warning("%s: unreadable tar (%s); counting the samples before the damage", shard, exc)
-    return count
