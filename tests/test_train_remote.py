@@ -172,3 +172,27 @@ def test_bad_locations_are_one_line_errors_naming_them(tmp_path, capsys):
                  "--config", "tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--val-data {shards}: the val shards hold no usable samples" in err
+
+
+class FakeLoader:
+    """What a finished ShardLoader reports."""
+
+    def __init__(self, skipped: dict[str, int], failed: list[str]) -> None:
+        self.skipped, self.failed_shards = skipped, failed
+
+
+def test_the_summary_adds_up_every_loader_and_every_rank():
+    from vgclip.train.inputs import DataReport
+
+    rank1 = DataReport()
+    rank1.track(FakeLoader({"bad_tar": 2, "bad_image": 1}, ["http://h/b.tar", "http://h/c.tar"]))
+    blobs: list[bytes] = []
+    rank1.summary(lambda blob: blobs.append(blob) or [blob])
+    rank0 = DataReport()
+    rank0.track(FakeLoader({"bad_tar": 1}, ["http://h/b.tar"]))  # epoch 0
+    rank0.track(iter([]))  # a plain iterable of batches reports nothing
+    rank0.track(FakeLoader({"no_phrases": 3}, []))  # epoch 1
+    assert rank0.summary(lambda blob: [blob, blobs[0]]) == {
+        "skipped": {"bad_image": 1, "bad_tar": 3, "no_phrases": 3},
+        "failed_shards": ["http://h/b.tar", "http://h/c.tar"],
+    }
