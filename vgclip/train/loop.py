@@ -32,6 +32,7 @@ from vgclip.data.shards import as_location
 from vgclip.errors import VgclipError
 from vgclip.train import distributed as D
 from vgclip.train import state as S
+from vgclip.train.advice import warn_small_data
 from vgclip.train.evaluate import validate
 from vgclip.train.grads import clip_gradients, keep_embedding_grads, zero_grads
 from vgclip.train.inputs import DataReport, ValSource, check_shards
@@ -83,6 +84,8 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
     try:
         config = resolve_for_device(config, info)  # "auto" settings -> this hardware's; saved as resolved
         configure_device(config, info)
+        if info.is_main:
+            warn_small_data(config, n_train)
         ctx = RunContext(config, info, as_location(data_dir), run_dir, val_source,
                          batches_per_rank(n_train, info.world_size, config.data.batch_size))
         seed_everything(config.train.seed)  # same seed on every rank: identical initial weights

@@ -1,0 +1,192 @@
+"""Zero-shot quality of training recipes on small real caption sets: a fixed, seeded protocol.
+
+Train on the 795 real COCO-mini captions (../shared/data/coco-mini, 159 images; `vgclip prepare`
+keeps its hashed val split apart), evaluate zero-shot on the 100 real Pascal VOC2012 photos
+(../shared/data/voc2012-sample, 20 classes, difficult objects ignored), for each recipe and seed.
+Every recipe starts from the offline-small preset (packaged EfficientNet-Lite0 + all-MiniLM-L6-v2)
+and sets everything it relies on explicitly, so a later change of the preset changes only `defaults`.
+The prompt variants re-score the best recipe's runs (no training) with other class texts.
+
+Prints one JSON line: per recipe the mAP of each seed, their mean and spread (max - min, and the
+sample standard deviation), chance (mean class prevalence), and the training wall time per seed.
+`--quick`: one seed, the defaults and the best recipe only (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # one progress bar per epoch and run would bury the results
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+COCO, VOC = SHARED / "coco-mini", SHARED / "voc2012-sample"
+SEEDS = (0, 1, 2)
+
+# Settings every recipe states (the preset's values at the time of writing may change).
+COMMON = ["data.num_workers=0", "train.keep_checkpoints=1", "train.checkpoint_every=0"]
+LOCKED_BOTH = ["model.image.lock=true", "model.text.lock=true", "data.augment=false"]
+RECIPES: dict[str, list[str]] = {
+    # offline-small exactly as shipped (what `vgclip train` does with no overrides).
+    "defaults": [],
+    # offline-small before issue 14: both towers trained, augmentation, AdamW 1e-4, 5 epochs, batch 64.
+    "full_finetune": ["model.image.lock=false", "model.text.lock=false", "data.augment=true", "data.batch_size=64",
+                      "train.epochs=5", "train.lr=1e-4", "train.warmup_steps=20"],
+    # LiT: image tower locked (trained on the feature cache), text tower trained.
+    "lit": ["model.image.lock=true", "model.text.lock=false", "data.augment=false", "data.batch_size=32",
+            "train.epochs=8", "train.lr=3e-4", "train.warmup_steps=5"],
+    # LiT with only the last 2 of the text tower's 6 layers trained.
+    "lit_text_last2": ["model.image.lock=true", "model.text.lock=true", "model.text.unlocked_blocks=2",
+                       "data.augment=false", "data.batch_size=32", "train.epochs=10", "train.lr=3e-4",
+                       "train.warmup_steps=5"],
+    # Both towers locked: only the two projections and the temperature are trained.
+    "projections_only": [*LOCKED_BOTH, "data.batch_size=32", "train.epochs=20", "train.lr=1e-3",
+                         "train.warmup_steps=5"],
+}
+MULTI_POSITIVE = ["train.loss=multipositive"]
+# Class text variants for the prompt comparison (eval.templates); "name" is the class name alone.
+PROMPTS = {"single": "single", "ensemble": "ensemble", "name": None}
+
+
+def coco_captions_csv(path: Path) -> int:
+    """All COCO-mini captions (train and val annotations) as one path,caption CSV; returns the row count."""
+    rows = []
+    for split in ("train", "val"):
+        data = json.loads((COCO / "annotations" / f"captions_{split}2017.json").read_text(encoding="utf-8"))
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        rows += [(str(COCO / f"{split}2017" / files[a["image_id"]]), a["caption"]) for a in data["annotations"]]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "caption"])
+        writer.writerows(rows)
+    return len(rows)
+
+
+def prepare_shards(work: Path) -> Path:
+    """COCO-mini captions -> shards (the `vgclip prepare` command, as a user runs it)."""
+    from vgclip.cli import main as cli
+
+    coco_captions_csv(work / "captions.csv")
+    shards = work / "shards"
+    if cli(["prepare", "--captions-csv", str(work / "captions.csv"), "--out", str(shards), "--workers", "1",
+            "--quiet"]) != 0:
+        raise SystemExit("bench_quality: vgclip prepare failed")
+    return shards
+
+
+def train_run(shards: Path, run_dir: Path, overrides: list[str], seed: int) -> float:
+    """Train one recipe with one seed into `run_dir`; returns the training wall time in seconds."""
+    from vgclip.config import load_config
+    from vgclip.train.loop import train
+
+    config = load_config("offline-small", [*COMMON, *overrides, f"train.seed={seed}"])
+    started = time.perf_counter()
+    train(config, shards, run_dir)
+    return time.perf_counter() - started
+
+
+def zeroshot_map(run_dir: Path, templates: str, work: Path) -> tuple[float, float]:
+    """(mAP, chance) of the run on the VOC sample with class texts from `templates`."""
+    import vgclip
+    from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
+    from vgclip.model.checkpoint import checkpoint_eval_config
+
+    eval_cfg = checkpoint_eval_config(str(run_dir), [f"eval.templates={templates}"])
+    model, transform, tokenizer = vgclip.load_checkpoint(run_dir)
+    options = ZeroshotOptions(tune_split=None, num_workers=0, plots=False)
+    report = run_zeroshot(model, transform, tokenizer, VOC, "test", eval_cfg, None, options, device="cpu")
+    return float(report["mAP"]), float(report["chance_mean"])
+
+
+def summarise(maps: list[float], seconds: list[float]) -> dict:
+    """Mean, spread and per-seed figures of one recipe."""
+    return {"mAP_mean": round(statistics.fmean(maps), 4), "mAP_spread": round(max(maps) - min(maps), 4),
+            "mAP_std": round(statistics.stdev(maps), 4) if len(maps) > 1 else 0.0,
+            "mAP_per_seed": [round(m, 4) for m in maps],
+            "train_s_per_seed": [round(s, 1) for s in seconds]}
+
+
+def run_recipe(name: str, overrides: list[str], shards: Path, work: Path, seeds: tuple[int, ...]) -> tuple[dict, float]:
+    """Train and evaluate one recipe for every seed: (summary, chance)."""
+    maps, seconds, chance = [], [], 0.0
+    for seed in seeds:
+        run_dir = work / f"{name}-seed{seed}"
+        seconds.append(train_run(shards, run_dir, overrides, seed))
+        value, chance = zeroshot_map(run_dir, "single", work)
+        maps.append(value)
+        print(f"bench_quality: {name} seed {seed}: mAP {value:.4f} ({seconds[-1]:.0f} s)", file=sys.stderr)
+    return summarise(maps, seconds), chance
+
+
+def prompt_comparison(best: str, work: Path, seeds: tuple[int, ...]) -> dict:
+    """The best recipe's runs re-scored with each class-text variant (mean and per seed)."""
+    name_only = work / "name-only.txt"
+    name_only.write_text("{}\n", encoding="utf-8")
+    out = {}
+    for label, templates in PROMPTS.items():
+        maps = [zeroshot_map(work / f"{best}-seed{seed}", templates or str(name_only), work)[0] for seed in seeds]
+        out[label] = {"mAP_mean": round(statistics.fmean(maps), 4), "mAP_per_seed": [round(m, 4) for m in maps]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the protocol and print the JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed; the defaults and projections_only only")
+    parser.add_argument("--recipes", help="comma list of recipes to run (default: all)")
+    parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed at the end)")
+    args = parser.parse_args(argv)
+    if not (COCO.is_dir() and VOC.is_dir()):
+        raise SystemExit(f"bench_quality: the real data samples are not under {SHARED}")
+    names = args.recipes.split(",") if args.recipes else list(RECIPES)
+    if args.quick and not args.recipes:
+        names = ["defaults", "projections_only"]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"bench_quality: unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
+    seeds = SEEDS[:1] if args.quick else SEEDS
+    import torch
+
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    with tempfile.TemporaryDirectory(prefix="bench_quality-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = measure(names, work, seeds)
+    result.update(date=date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                  f"torch {torch.__version__}", seeds=list(seeds))
+    print(json.dumps(result))
+    return 0
+
+
+def measure(names: list[str], work: Path, seeds: tuple[int, ...]) -> dict:
+    """Every recipe, then multi-positive and the prompt variants on the best one."""
+    started = time.perf_counter()
+    shards = prepare_shards(work)
+    recipes, chance = {}, 0.0
+    for name in names:
+        recipes[name], chance = run_recipe(name, RECIPES[name], shards, work, seeds)
+    best = max(recipes, key=lambda n: recipes[n]["mAP_mean"])
+    result = {"protocol": "coco-mini captions -> voc2012-sample zero-shot (20 classes, 100 photos)",
+              "chance": round(chance, 4), "recipes": recipes, "best": best}
+    result["prompts_on_best"] = prompt_comparison(best, work, seeds)
+    print(f"bench_quality: prompts on {best}: {json.dumps(result['prompts_on_best'])}", file=sys.stderr)
+    mp_name = f"{best}+multipositive"
+    recipes[mp_name], _ = run_recipe(mp_name, RECIPES[best] + MULTI_POSITIVE, shards, work, seeds)
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
