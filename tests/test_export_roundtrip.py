@@ -78,8 +78,8 @@ def test_predict_reads_the_export(exported, capsys):
     image = sorted((exported / "voc" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[0]
     outputs = []
     for checkpoint in ("run", "export"):
-        args = ["predict", "--checkpoint", str(exported / checkpoint), "--labels", "dog,car,person", "--json", str(image)]
-        assert main(args) == 0
+        args = ["predict", "--checkpoint", str(exported / checkpoint), "--labels", "dog,car,person", "--json"]
+        assert main([*args, str(image)]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["results"][0]["scores"])
     assert outputs[0].keys() == outputs[1].keys() == {"dog", "car", "person"}
     for label, score in outputs[0].items():

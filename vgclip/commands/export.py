@@ -14,9 +14,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write open_clip_config.json, open_clip_model.safetensors and the text tower's config and "
         "tokenizer files, so that open_clip.create_model_and_transforms('local-dir:OUT') loads the model. "
         "Before the folder is written in place, open_clip rebuilds the model from it and its embeddings are "
-        "compared with vgclip's. The folder gets a model card (README.md), so it can be uploaded to the Hub as it is.",
+        "compared with vgclip's. The folder gets a model card (README.md), so it can be uploaded to the Hub as "
+        "it is.",
     )
-    p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors), or an open_clip folder")
     p.add_argument("--format", choices=("open_clip",), default="open_clip", help="target format (open_clip)")
     p.add_argument("--out", required=True, type=Path, help="folder to write (must not exist, or be empty)")
     p.add_argument("--hub-id", help="Hub repo (ORG/NAME) the folder will be uploaded to: open_clip then reads the "
