@@ -1,12 +1,18 @@
-"""Benchmark the streaming read + clean stage of `vgclip prepare` on a Visual-Genome-sized file.
+"""Benchmark `vgclip prepare`: the streaming read + clean of a Visual-Genome-sized file, and the image side.
 
-Writes a synthetic region_descriptions.json (default 5.4M regions over 108k images, ~650 MB, v1.2
-keys, a few duplicates / bad boxes / control characters like the real file) to a temp folder and
-streams it through `iter_clean_regions` (no images involved). Prints one JSON line:
-regions/s and peak RSS for the C (yajl2_c) ijson backend, and the pure-python backend's speed on
-a small slice of the same data for a side-by-side ratio.
+Text side: writes a synthetic region_descriptions.json (default 5.4M regions over 108k images, ~650 MB,
+v1.2 keys, a few duplicates / bad boxes / control characters like the real file) to a temp folder and
+streams it through `iter_clean_regions` (no images involved): regions/s and peak RSS for the C
+(yajl2_c) ijson backend, and the pure-python backend's speed on a small slice of the same data.
 
-    python benchmarks/bench_prepare.py [--regions 5400000] [--images 108077] [--keep DIR]
+Image side: a synthetic VG folder of 512 px JPEGs, prepared into shards (decode, re-encode, tar)
+with 1 and with 2 worker processes in the same run: images/s of each, and what VG's 108,077
+images would take on 16 cores at the 1-worker rate per core (linear scaling assumed, which the
+2-worker figure lets you judge).
+
+    python benchmarks/bench_prepare.py [--regions 5400000] [--images 108077] [--shard-images 300] [--keep DIR]
+
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -70,11 +76,36 @@ def stream(folder: Path, limit_images: int | None = None) -> tuple[int, int, flo
     return images, regions, time.perf_counter() - start, time.process_time() - cpu_start, skips
 
 
+def image_side(n_images: int, work: Path) -> dict:
+    """Images/s of `vgclip prepare` (decode, re-encode, shard) with 1 and 2 workers on 512 px JPEGs."""
+    import contextlib
+
+    from vgclip.cli import main as cli
+    from vgclip.synthetic.writers import write_synthetic_vg
+
+    write_synthetic_vg(work / "vg", n_images, min_side=512, max_side=512, overwrite=True)
+    out: dict = {"shard_images": n_images}
+    for workers in (1, 2):
+        target = work / f"shards-{workers}"
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            code = cli(["prepare", "--vg-root", str(work / "vg"), "--out", str(target), "--workers", str(workers),
+                        "--shard-size", "50", "--val-images", "0", "--quiet"])
+        if code:
+            raise SystemExit(f"bench_prepare: vgclip prepare failed with exit code {code}")
+        out[f"images_per_s_{workers}_worker{'s' if workers > 1 else ''}"] = round(n_images / (time.perf_counter()
+                                                                                            - start), 1)
+    out["two_worker_speedup"] = round(out["images_per_s_2_workers"] / out["images_per_s_1_worker"], 2)
+    out["vg_108k_on_16_cores_minutes"] = round(108_077 / (16 * out["images_per_s_1_worker"]) / 60, 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regions", type=int, default=5_400_000)
     parser.add_argument("--images", type=int, default=108_077)
     parser.add_argument("--python-slice", type=int, default=2_000, help="images streamed by the python backend")
+    parser.add_argument("--shard-images", type=int, default=300, help="512 px images for the image side (0: skip)")
     parser.add_argument("--keep", type=Path, help="write the files here and keep them (default: temp dir)")
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench_prepare_"))
@@ -94,6 +125,7 @@ def main() -> None:
                                     if r.startswith(("phrase", "box", "region")))
         py_rate = py_total / py_cpu
         cpu_rate = total / cpu_secs
+        images_side = image_side(args.shard_images, folder / "image_side") if args.shard_images else {}
         print(json.dumps({
             "benchmark": "prepare_read_clean", "regions_in_file": total, "images_kept": images,
             "regions_kept": regions, "file_mb": round((folder / "region_descriptions.json").stat().st_size / 2**20),
@@ -105,6 +137,7 @@ def main() -> None:
             "targets_met": {"regions_per_s>=100000": c_rate >= 100_000, "regions_per_cpu_s>=100000":
                             cpu_rate >= 100_000, "peak_rss<1GB": peak_mb < 1024},
             "skip_counts": dict(skips.counts),
+            **images_side,
         }))
     finally:
         if args.keep is None:
