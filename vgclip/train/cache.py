@@ -6,10 +6,12 @@ the projections and the temperature on the cache removes the image tower (almost
 compute) from every later step: an epoch over the cache takes seconds on a CPU.
 
 The cache lives beside the run: RUN/image_features.safetensors holds one tensor `features`
-[N, F] and, in its metadata, a fingerprint of the image tower's weights, the eval transform and
-the shard files; RUN/image_features.json holds the same fingerprint, the sample keys (row order)
-and each image's phrases (for pairing texts each epoch). A cache whose fingerprints differ from
-the current ones, or from each other, is rebuilt, never reused.
+[N, F] and, in its metadata, a fingerprint of the image tower's weights, the eval transform, the
+decode path (data.fast_decode) and the shards; RUN/image_features.json holds the same fingerprint,
+the sample keys (row order) and each image's phrases (for pairing texts each epoch). Every rank
+checks the fingerprints; a cache that differs from the current one on any rank, or whose two
+files differ, is rebuilt, never reused. The build is parallel: each rank decodes and embeds its
+share of the rows with loader workers, and rank 0 gathers and writes them.
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vgclip.config import Config
-from vgclip.data.epoch_plan import batches_per_rank
+from vgclip.config import Config, DataConfig
+from vgclip.data.epoch_plan import batches_per_rank, span_pieces
 from vgclip.data.pairing import choose_pair, parse_pairing, stable_seed
-from vgclip.data.transforms import stack_images
-from vgclip.train.distributed import DistInfo, barrier
+from vgclip.data.samples import ShardRange, read_ranges, shard_sizes
+from vgclip.data.shards import Shard, is_remote
+from vgclip.data.transforms import PixelTransform, stack_images
+from vgclip.errors import VgclipError
+from vgclip.train.distributed import DistInfo, all_ranks, barrier, gather_bytes, gather_bytes_to_main
 
 CACHE_FILE = "image_features.safetensors"
 INDEX_FILE = "image_features.json"
+BLOCK = 64  # images per forward while building: fixed, so that any number of ranks computes the same rows
 
 
 def cache_applies(config: Config) -> bool:
@@ -61,54 +68,102 @@ class CachedImageClip(nn.Module):
         }
 
 
-def fingerprint(visual: nn.Module, shards: list[Path], eval_transform_repr: str) -> str:
-    """Hash of what the cached features depend on: tower weights, input transform, shard files."""
+def fingerprint(visual: nn.Module, shards: list[Shard], eval_transform_repr: str, *, fast_decode: bool,
+                manifest: dict | None = None) -> str:
+    """Hash of everything the cached rows depend on: tower weights, input transform, decode path, shards.
+
+    A local shard counts by name, size and modification time; a remote one (no `stat()`) by its URL,
+    with the folder's manifest (`manifest`, as read) standing for its contents.
+    """
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(visual.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     h.update(eval_transform_repr.encode())
-    for path in shards:
-        stat = path.stat()
-        h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    h.update(f"fast_decode={fast_decode}".encode())  # the two decode paths give slightly different pixels
+    for shard in shards:
+        if is_remote(shard):
+            h.update(f"{shard}\n".encode())
+        else:
+            stat = Path(shard).stat()
+            h.update(f"{Path(shard).name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    if manifest is not None:
+        h.update(json.dumps(manifest, sort_keys=True).encode())
     return h.hexdigest()
 
 
 @torch.no_grad()
-def compute_features(visual: nn.Module, shards: list[Path], transform, device: torch.device,
-                     batch_size: int = 64) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """Pooled features of every usable training image, with its key and metadata (row order)."""
-    from vgclip.data.decoding import decode_image
-    from vgclip.data.images import BadImageError
-    from vgclip.data.loader import raw_samples
+def compute_features(visual: nn.Module, shards: list[Shard], transform: PixelTransform, device: torch.device,
+                     batch_size: int = BLOCK, *, data_cfg: DataConfig | None = None, rank: int = 0,
+                     world_size: int = 1) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Pooled features of this rank's share of the usable training images, with keys and metadata (row order).
 
-    keys, metas, rows, pending = [], [], [], []
-
-    def flush() -> None:
-        if pending:
-            rows.append(visual(stack_images(pending).to(device)).float().cpu())
-            pending.clear()
-
-    # Decode exactly as the shard loader does for this transform, so cached features equal the
-    # features of the images the loader would feed.
-    draft = getattr(transform, "draft_size", None)
-    tensor_ok = bool(getattr(transform, "accepts_uint8_tensors", False))
+    Rows are the shards' usable samples in file order (images that do not decode are left out), in
+    blocks of `batch_size`; rank r computes a contiguous run of blocks with `data_cfg.num_workers`
+    loader workers. A block is one forward whatever the number of ranks, so the rows of a
+    many-rank build, put together in rank order, are the rows of a one-process build.
+    """
+    cfg = data_cfg or DataConfig(num_workers=0)
+    sizes = shard_sizes(shards, cfg.tar_reader)
+    workers = max(1, cfg.num_workers)
+    blocks = FeatureBlocks(shards, cfg, transform, _block_ranges(sizes, batch_size, rank, world_size, workers))
+    loader = DataLoader(blocks, batch_size=None, num_workers=max(0, cfg.num_workers))
+    done: dict[int, tuple[torch.Tensor, list[str], list[dict]]] = {}
     was_training = visual.training
     visual.eval()
-    for key, jpg, meta, _url in raw_samples(shards, lambda *a: None):  # the loader counts and logs skips
-        try:
-            pending.append(transform(decode_image(key, jpg, draft_size=draft, tensor_ok=tensor_ok)))
-        except (BadImageError, OSError, ValueError, RuntimeError):
-            continue  # the same images the loader skips as bad_image
-        keys.append(key)
-        # Keep only what whole-image pairing reads (region pairing never uses the cache).
-        metas.append({"width": meta.get("width"), "height": meta.get("height"),
-                      "regions": [{"phrase": r.get("phrase")} for r in meta["regions"] if isinstance(r, dict)]})
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    visual.train(was_training)
-    return (torch.cat(rows) if rows else torch.empty(0, 0)), keys, metas
+    try:
+        for block, pixels, keys, metas in loader:
+            if keys:
+                done[block] = (visual(pixels.to(device)).float().cpu(), keys, metas)
+    finally:
+        visual.train(was_training)
+    ordered = [done[b] for b in sorted(done)]
+    features = torch.cat([f for f, _, _ in ordered]) if ordered else torch.empty(0, 0)
+    return features, [k for _, keys, _ in ordered for k in keys], [m for _, _, metas in ordered for m in metas]
+
+
+def _block_ranges(sizes: list[int], block: int, rank: int, world_size: int, workers: int
+                  ) -> list[list[tuple[int, list[ShardRange]]]]:
+    """[worker] -> (block index, its shard ranges) for this rank's contiguous share of the blocks."""
+    n_blocks = math.ceil(sum(sizes) / block)
+    first, last = rank * n_blocks // world_size, (rank + 1) * n_blocks // world_size
+    per_worker: list[list[tuple[int, list[ShardRange]]]] = [[] for _ in range(workers)]
+    for b in range(first, last):
+        pieces = span_pieces(b * block, min((b + 1) * block, sum(sizes)), sizes)
+        ranges = [ShardRange(p.shard, p.start, None if p.stop == sizes[p.shard] else p.stop) for p in pieces]
+        per_worker[(b - first) * workers // max(1, last - first)].append((b, ranges))
+    return per_worker
+
+
+class FeatureBlocks(IterableDataset):
+    """Per worker: (block index, normalised pixels [b,3,S,S], keys, metadata) of its blocks, decoded as the loader does."""
+
+    def __init__(self, shards: list[Shard], cfg: DataConfig, transform: PixelTransform,
+                 per_worker: list[list[tuple[int, list[ShardRange]]]]) -> None:
+        super().__init__()
+        self.shards, self.cfg, self.transform, self.per_worker = shards, cfg, transform, per_worker
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, list[str], list[dict]]]:
+        from vgclip.data.decoding import decode_image
+        from vgclip.data.images import BadImageError
+
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        for block, ranges in self.per_worker[worker]:
+            pixels, keys, metas = [], [], []
+            for key, jpg, meta, _url in read_ranges(self.shards, ranges, lambda *a: None, self.cfg.tar_reader):
+                try:  # the shard loader counts and logs skips; the cache leaves out what it skips
+                    image = decode_image(key, jpg, draft_size=self.transform.draft_size, tensor_ok=True,
+                                         fast=self.cfg.fast_decode)
+                    pixels.append(self.transform.pixels(image))
+                except (BadImageError, OSError, ValueError, RuntimeError):
+                    continue
+                keys.append(key)
+                # Keep only what whole-image pairing reads (region pairing never uses the cache).
+                metas.append({"width": meta.get("width"), "height": meta.get("height"),
+                              "regions": [{"phrase": r.get("phrase")} for r in meta["regions"] if isinstance(r, dict)]})
+            batch = self.transform.normalize(stack_images(pixels)) if pixels else torch.empty(0)
+            yield block, batch, keys, metas
 
 
 class FeatureCache:
@@ -151,27 +206,61 @@ class FeatureCache:
 
 def build_feature_cache(config: Config, *, data_dir: Path, run_dir: Path, visual: nn.Module, eval_tf: Any,
                         tokenizer: Any, info: DistInfo) -> FeatureCache:
-    """Load RUN/image_features.safetensors if it matches the tower and shards; else compute and save it (rank 0)."""
+    """The run's feature cache: RUN/image_features.* when every rank finds them matching its tower and
+    shards, else built by all ranks (each its share of the rows) and written by rank 0. Every rank
+    then checks that it sees the cache rank 0 wrote (a run folder not shared between nodes fails here)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from vgclip.data.loader import list_shards
-    from vgclip.io import atomic_path, atomic_write_text
+    from vgclip.data.shards import list_shards
 
     shards = list_shards(data_dir, "train")
     path, index_path = run_dir / CACHE_FILE, run_dir / INDEX_FILE
-    wanted = fingerprint(visual, shards, repr(eval_tf))
-    if info.is_main and _stored_fingerprints(path, index_path) != (wanted, wanted):
-        features, keys, metas = compute_features(visual, shards, eval_tf, info.device)
-        with atomic_path(path) as tmp:
-            save_file({"features": features.contiguous()}, str(tmp), metadata={"fingerprint": wanted})
-        atomic_write_text(index_path, json.dumps({"fingerprint": wanted, "keys": keys, "metas": metas}))
-    barrier(info)
+    wanted = fingerprint(visual, shards, repr(eval_tf), fast_decode=config.data.fast_decode,
+                         manifest=_remote_manifest(data_dir))
+    others = [i for i, fp in enumerate(gather_bytes(wanted.encode(), info)) if fp.decode() != wanted]
+    if others:
+        raise VgclipError(f"--data {data_dir}: rank(s) {others} see other training shards (or tower weights) than "
+                          f"rank {info.rank}: every node must read the same shards")
+    if not all_ranks(_stored_fingerprints(path, index_path) == (wanted, wanted), info):  # stale on some rank
+        _build(config, shards, visual, eval_tf, info, path, index_path, wanted)
+    if not all_ranks(_stored_fingerprints(path, index_path) == (wanted, wanted), info):
+        raise VgclipError(f"{path}: a rank does not see the feature cache rank 0 wrote; the run folder (--out) "
+                          "must be on a filesystem every node shares")
     index = json.loads(index_path.read_text(encoding="utf-8"))
     with safe_open(str(path), framework="pt") as fh:
         features = fh.get_tensor("features")
     return FeatureCache(features.to(info.device), index["keys"], index["metas"], config=config,
                         tokenizer=tokenizer, rank=info.rank, world_size=info.world_size)
+
+
+def _build(config: Config, shards: list[Shard], visual: nn.Module, eval_tf: Any, info: DistInfo, path: Path,
+           index_path: Path, wanted: str) -> None:
+    """Every rank computes its share of the rows; rank 0 gathers them in rank order and writes both files."""
+    from safetensors.torch import load, save, save_file
+
+    from vgclip.io import atomic_path, atomic_write_text
+
+    features, keys, metas = compute_features(visual, shards, eval_tf, info.device, data_cfg=config.data,
+                                             rank=info.rank, world_size=info.world_size)
+    feature_parts = gather_bytes_to_main(save({"features": features.contiguous()}), info)
+    index_parts = gather_bytes_to_main(json.dumps({"keys": keys, "metas": metas}).encode(), info)
+    if info.is_main:
+        tensors = [t for t in (load(part)["features"] for part in feature_parts) if t.numel()]
+        indexes = [json.loads(part) for part in index_parts]
+        with atomic_path(path) as tmp:
+            save_file({"features": torch.cat(tensors) if tensors else torch.empty(0, 0)}, str(tmp),
+                      metadata={"fingerprint": wanted})
+        atomic_write_text(index_path, json.dumps({"fingerprint": wanted,
+                                                  "keys": [k for part in indexes for k in part["keys"]],
+                                                  "metas": [m for part in indexes for m in part["metas"]]}))
+    barrier(info)
+
+
+def _remote_manifest(data_dir: str | Path) -> dict | None:
+    """A remote folder's manifest (what stands for its shards' contents in the fingerprint), else None."""
+    from vgclip.data.shards import is_pattern, read_manifest
+
+    return read_manifest(data_dir) if is_remote(data_dir) and not is_pattern(data_dir) else None
 
 
 def _stored_fingerprints(path: Path, index_path: Path) -> tuple[str | None, str | None]:

@@ -104,6 +104,26 @@ def gather_bytes(blob: bytes, info: DistInfo) -> list[bytes]:
     return [part[:n].cpu().numpy().tobytes() for part, n in zip(parts, lengths)]
 
 
+def gather_bytes_to_main(blob: bytes, info: DistInfo) -> list[bytes]:
+    """Every rank's `blob`, in rank order, on rank 0 only (others get []): for large parts that only
+    the writer needs (a feature cache), where an all-gather would hold every part on every rank."""
+    if not info.distributed:
+        return [blob]
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(info.device) if blob else \
+        torch.zeros(0, dtype=torch.uint8, device=info.device)
+    size = torch.tensor([data.numel()], device=info.device)
+    sizes = [torch.zeros_like(size) for _ in range(info.world_size)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=info.device)
+    padded[: data.numel()] = data
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)] if info.is_main else None
+    dist.gather(padded, parts, dst=0)
+    if not info.is_main:
+        return []
+    return [part[:n].cpu().numpy().tobytes() for part, n in zip(parts, lengths)]
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in a single process)."""
     if info.distributed:
