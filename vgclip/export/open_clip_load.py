@@ -135,7 +135,8 @@ def load_open_clip_export(folder: str | Path):
         model_config = ModelConfig(image=image, text=text, embed_dim=int(model_cfg.get("embed_dim", 0)),
                                    max_logit_scale=max_scale)  # fmt: skip
     except (ConfigError, TypeError, ValueError) as exc:
-        raise VgclipError(f"open_clip folder {folder}: {CONFIG_FILE} does not describe a vgclip model ({exc})") from None
+        raise VgclipError(f"open_clip folder {folder}: {CONFIG_FILE} does not describe a vgclip model "
+                          f"({exc})") from None  # fmt: skip
     model, transform, tokenizer = create_model(model_config)
     load_state(model, state, str(weights))
     model.eval()
