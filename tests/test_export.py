@@ -163,7 +163,7 @@ def test_seed_architecture_with_cls_pooling(tmp_path):
                                         f"model.text.name={tower}", "model.text.weights=none"))  # fmt: skip
     result = export_open_clip(run, tmp_path / "oc")
     config = json.loads((result.out_dir / CONFIG_FILE).read_text())["model_cfg"]
-    assert config["vision_cfg"]["timm_model_name"] == "efficientnet_b5"
+    assert config["vision_cfg"]["timm_model_name"] == "tf_efficientnet_b5.aa_in1k"
     assert config["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
     # The export compared open_clip's rebuild with vgclip on probe images and texts before writing the folder.
     assert result.image_max_diff <= 1e-5 and result.text_max_diff <= 1e-5

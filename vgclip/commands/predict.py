@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "reaches its threshold (from --thresholds written by `vgclip zeroshot`, or --threshold). "
         "Without a threshold the top-scoring label is predicted.",
     )
-    p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors), or an open_clip export folder")
     labels = p.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated labels, e.g. 'cat,traffic light,person'")
     labels.add_argument("--labels-file", type=Path,

@@ -14,7 +14,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a trained run on http://HOST:PORT/: the tag page (/), the threshold page (/thresholds, "
         "with --report) and the JSON API (/api/..., documented at /docs). Needs `pip install 'vgclip[serve]'`.",
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="run folder (or its model.safetensors)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="run folder (or its model.safetensors), or an open_clip export folder")
     p.add_argument("--report", type=Path, help="a `vgclip zeroshot` output folder for the threshold page")
     p.add_argument("--thresholds", type=Path, help="thresholds.json for the default labels and thresholds "
                    "(default: the report's thresholds.json)")  # fmt: skip
