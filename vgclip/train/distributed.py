@@ -2,16 +2,26 @@
 
 Without those variables everything degrades to a single process on one device, so the same loop
 runs unchanged on a laptop and under `torchrun --nproc_per_node N -m vgclip.cli train ...`.
+
+Several nodes share one run folder: global rank 0 alone writes it (config, checkpoints, feature
+cache) and the other ranks read it (resume, the cache). `check_shared_folder` proves that before
+anything is written, so a folder that is not shared fails at once with one line on every rank.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from vgclip.errors import VgclipError
+
+RUN_TOKEN = ".run-token"  # written by rank 0 at start-up, read back by every rank
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,31 @@ def gather_bytes_to_main(blob: bytes, info: DistInfo) -> list[bytes]:
     if not info.is_main:
         return []
     return [part[:n].cpu().numpy().tobytes() for part, n in zip(parts, lengths)]
+
+
+def check_shared_folder(folder: Path, info: DistInfo) -> None:
+    """Rank 0 writes a fresh token into `folder`; after a barrier every rank must read it back.
+
+    Raises the same one-line VgclipError on every rank (so none waits in a collective) naming the
+    ranks that cannot see the folder rank 0 writes, e.g. node-local disks under the same path.
+    """
+    from vgclip.io import atomic_write_text
+
+    if not info.distributed:
+        return
+    token = gather_bytes(secrets.token_hex(16).encode(), info)[0].decode()  # rank 0's, on every rank
+    if info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / RUN_TOKEN, token)
+    barrier(info)
+    try:
+        seen = (folder / RUN_TOKEN).read_text(encoding="utf-8")
+    except OSError:
+        seen = None
+    blind = [r for r, ok in enumerate(gather_bytes(b"1" if seen == token else b"0", info)) if ok != b"1"]
+    if blind:
+        raise VgclipError(f"--out {folder}: rank(s) {blind} do not see the run folder rank 0 writes; with several "
+                          "nodes it must be on a filesystem every node shares (same path everywhere)")
 
 
 def barrier(info: DistInfo) -> None:

@@ -82,6 +82,7 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
     n_train, val_source = check_shards(data_dir, config.data, val_data)
     info = D.init_distributed()
     try:
+        D.check_shared_folder(run_dir, info)  # before any rank reads (resume) or rank 0 writes the run folder
         config = resolve_for_device(config, info)  # "auto" settings -> this hardware's; saved as resolved
         configure_device(config, info)
         if info.is_main:
