@@ -9,7 +9,7 @@ The prompt variants re-score the best recipe's runs (no training) with other cla
 
 Prints one JSON line: per recipe the mAP of each seed, their mean and spread (max - min, and the
 sample standard deviation), chance (mean class prevalence), and the training wall time per seed.
-`--quick`: one seed, the defaults and the best recipe only (a smoke test).
+`--quick`: one seed, the defaults only (then multi-positive and the prompts on them): a smoke test.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def prompt_comparison(best: str, work: Path, seeds: tuple[int, ...]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the protocol and print the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed; the defaults and projections_only only")
+    parser.add_argument("--quick", action="store_true", help="one seed; the defaults only")
     parser.add_argument("--recipes", help="comma list of recipes to run (default: all)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed at the end)")
     args = parser.parse_args(argv)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench_quality: the real data samples are not under {SHARED}")
     names = args.recipes.split(",") if args.recipes else list(RECIPES)
     if args.quick and not args.recipes:
-        names = ["defaults", "projections_only"]
+        names = ["defaults"]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"bench_quality: unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")

@@ -1,5 +1,6 @@
-"""Real data: 795 COCO captions → shards → train (offline-small, locked image tower on the feature
-cache) → zero-shot on 100 real Pascal VOC photos. Skips when ../shared/data is absent."""
+"""Real data: 795 COCO captions → shards → `vgclip train` with no options (offline-small: both towers
+locked, projections trained on the image feature cache) → zero-shot on 100 real Pascal VOC photos.
+Skips when ../shared/data is absent. benchmarks/bench_quality.py compares the recipes on the same data."""
 
 from __future__ import annotations
 
@@ -38,16 +39,15 @@ def test_coco_mini_training_gives_zero_shot_voc_well_above_chance(tmp_path):
     assert _coco_captions_csv(tmp_path / "captions.csv") == 795
     assert cli(["prepare", "--captions-csv", str(tmp_path / "captions.csv"), "--out", str(tmp_path / "shards"),
                 "--workers", "1", "--quiet"]) == 0
-    assert cli(["train", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "run"),
-                "--config", "offline-small", "model.image.lock=true", "data.augment=false", "data.num_workers=0",
-                "train.epochs=8", "data.batch_size=32", "train.lr=3e-4", "train.warmup_steps=5",
-                "train.keep_checkpoints=1"]) == 0
+    # What a new user types: no preset, no overrides.
+    assert cli(["train", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "image_features.safetensors").is_file()  # trained on the LiT cache
     assert cli(["zeroshot", "--checkpoint", str(tmp_path / "run"), "--voc-root", str(VOC),
                 "--out", str(tmp_path / "report"), "--no-plots"]) == 0
 
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(report["AP"]) == 20
-    # Chance (the mean class prevalence) is 0.075 on these 100 photos; measured mAP 0.535 with these settings.
+    # Chance (the mean class prevalence) is 0.075 on these 100 photos; bench_quality's figures for the
+    # defaults are in README "Zero-shot quality" (seed 0 is the one this test trains).
     assert report["chance_mean"] == pytest.approx(0.075, abs=0.01)
-    assert report["mAP"] > 0.4, (report["mAP"], report["chance_mean"])
+    assert report["mAP"] > 0.5, (report["mAP"], report["chance_mean"])
