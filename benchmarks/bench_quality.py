@@ -97,7 +97,7 @@ def train_run(shards: Path, run_dir: Path, overrides: list[str], seed: int) -> f
     return time.perf_counter() - started
 
 
-def zeroshot_map(run_dir: Path, templates: str, work: Path) -> tuple[float, float]:
+def zeroshot_map(run_dir: Path, templates: str) -> tuple[float, float]:
     """(mAP, chance) of the run on the VOC sample with class texts from `templates`."""
     import vgclip
     from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
@@ -124,7 +124,7 @@ def run_recipe(name: str, overrides: list[str], shards: Path, work: Path, seeds:
     for seed in seeds:
         run_dir = work / f"{name}-seed{seed}"
         seconds.append(train_run(shards, run_dir, overrides, seed))
-        value, chance = zeroshot_map(run_dir, "single", work)
+        value, chance = zeroshot_map(run_dir, "single")
         maps.append(value)
         print(f"bench_quality: {name} seed {seed}: mAP {value:.4f} ({seconds[-1]:.0f} s)", file=sys.stderr)
     return summarise(maps, seconds), chance
@@ -136,7 +136,7 @@ def prompt_comparison(best: str, work: Path, seeds: tuple[int, ...]) -> dict:
     name_only.write_text("{}\n", encoding="utf-8")
     out = {}
     for label, templates in PROMPTS.items():
-        maps = [zeroshot_map(work / f"{best}-seed{seed}", templates or str(name_only), work)[0] for seed in seeds]
+        maps = [zeroshot_map(work / f"{best}-seed{seed}", templates or str(name_only))[0] for seed in seeds]
         out[label] = {"mAP_mean": round(statistics.fmean(maps), 4), "mAP_per_seed": [round(m, 4) for m in maps]}
     return out
 
