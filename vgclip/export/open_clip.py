@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vgclip.errors import VgclipError
-from vgclip.io import atomic_write_text
+from vgclip.io import atomic_write_text, replace_folder
 
 if TYPE_CHECKING:
     from vgclip.model.clip import ClipModel
@@ -244,18 +244,7 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, hub_id: str | 
 
         write_export_card(staging, out_dir, final_model_run(checkpoint), hub_id)
         files = sorted(p.name for p in staging.iterdir() if p.is_file())
-        _replace_folder(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out_dir, tuple(files), image_diff, text_diff)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing `target` (kept aside until the move succeeded)."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

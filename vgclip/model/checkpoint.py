@@ -17,7 +17,7 @@ from torch import nn
 
 from vgclip.config import Config, EvalConfig, load_config, save_config
 from vgclip.errors import ConfigError, VgclipError
-from vgclip.io import atomic_path
+from vgclip.io import atomic_path, replace_folder
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -92,13 +92,7 @@ def save_text_tower_files(folder: str | Path, model: nn.Module, tokenizer) -> No
     try:
         model.text.transformer.config.save_pretrained(str(tmp))
         tokenizer.save(tmp)
-        old = folder.with_name(f".{folder.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

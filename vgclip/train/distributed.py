@@ -94,31 +94,12 @@ def all_ranks(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
-def gather_bytes(blob: bytes, info: DistInfo) -> list[bytes]:
-    """Every rank's `blob`, in rank order, on every rank (one process: `[blob]`).
+def _padded_bytes(blob: bytes, info: DistInfo) -> tuple[torch.Tensor, list[int]]:
+    """`blob` as a uint8 tensor zero-padded to the longest rank's length, and every rank's length.
 
-    Byte strings of different lengths travel as zero-padded uint8 tensors on the job's device, which
-    every backend (gloo, NCCL) can all-gather; nothing is pickled.
+    Byte strings of different lengths travel as padded uint8 tensors on the job's device, which
+    every backend (gloo, NCCL) can gather; nothing is pickled.
     """
-    if not info.distributed:
-        return [blob]
-    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(info.device)
-    size = torch.tensor([data.numel()], device=info.device)
-    sizes = [torch.zeros_like(size) for _ in range(info.world_size)]
-    dist.all_gather(sizes, size)
-    lengths = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=info.device)
-    padded[: data.numel()] = data
-    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
-    dist.all_gather(parts, padded)
-    return [part[:n].cpu().numpy().tobytes() for part, n in zip(parts, lengths)]
-
-
-def gather_bytes_to_main(blob: bytes, info: DistInfo) -> list[bytes]:
-    """Every rank's `blob`, in rank order, on rank 0 only (others get []): for large parts that only
-    the writer needs (a feature cache), where an all-gather would hold every part on every rank."""
-    if not info.distributed:
-        return [blob]
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(info.device) if blob else \
         torch.zeros(0, dtype=torch.uint8, device=info.device)
     size = torch.tensor([data.numel()], device=info.device)
@@ -127,11 +108,32 @@ def gather_bytes_to_main(blob: bytes, info: DistInfo) -> list[bytes]:
     lengths = [int(s.item()) for s in sizes]
     padded = torch.zeros(max(lengths), dtype=torch.uint8, device=info.device)
     padded[: data.numel()] = data
+    return padded, lengths
+
+
+def _unpad(parts: list[torch.Tensor], lengths: list[int]) -> list[bytes]:
+    return [part[:n].cpu().numpy().tobytes() for part, n in zip(parts, lengths)]
+
+
+def gather_bytes(blob: bytes, info: DistInfo) -> list[bytes]:
+    """Every rank's `blob`, in rank order, on every rank (one process: `[blob]`)."""
+    if not info.distributed:
+        return [blob]
+    padded, lengths = _padded_bytes(blob, info)
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return _unpad(parts, lengths)
+
+
+def gather_bytes_to_main(blob: bytes, info: DistInfo) -> list[bytes]:
+    """Every rank's `blob`, in rank order, on rank 0 only (others get []): for large parts that only
+    the writer needs (a feature cache), where an all-gather would hold every part on every rank."""
+    if not info.distributed:
+        return [blob]
+    padded, lengths = _padded_bytes(blob, info)
     parts = [torch.empty_like(padded) for _ in range(info.world_size)] if info.is_main else None
     dist.gather(padded, parts, dst=0)
-    if not info.is_main:
-        return []
-    return [part[:n].cpu().numpy().tobytes() for part, n in zip(parts, lengths)]
+    return _unpad(parts, lengths) if info.is_main else []
 
 
 def check_shared_folder(folder: Path, info: DistInfo) -> None:
