@@ -3,18 +3,14 @@ img2dataset-layout shards; a stream cut mid-shard; the tar reader switch; prepar
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
+from _train_fixtures import http_folder
 from PIL import Image
 
 from vgclip.cli import main
@@ -57,38 +53,6 @@ def prepared_folder(root: Path, sizes=(5, 4, 6)) -> Path:
     return root
 
 
-@contextmanager
-def http_folder(root: Path, cut: str | None = None) -> Iterator[str]:
-    """Serve `root` on 127.0.0.1 (a free port) for the block; the file named `cut` is sent half-way
-    up to the middle of its second member with the full Content-Length, then the connection closes
-    (a stream that breaks mid-shard)."""
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:  # keep test output quiet
-            pass
-
-        def do_GET(self) -> None:
-            if cut is not None and self.path.endswith(cut):
-                data = (root / self.path.lstrip("/")).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data[: 3 * 512 + 100])
-                self.close_connection = True
-                return
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 def batches(data, cfg: DataConfig, transform=EVAL_16, train=False, start_batch=0) -> list[tuple[torch.Tensor, list]]:
     loader = make_loader(data, "train", cfg, transform, words, train=train, seed=3, epoch=1, start_batch=start_batch)
     return [(images, tokens["text"]) for images, tokens in loader]
@@ -112,7 +76,7 @@ def test_http_folder_gives_the_same_batches_as_disk_and_resumes_exactly(tmp_path
 def test_stream_cut_mid_shard_is_retried_then_skipped(tmp_path, monkeypatch):
     folder = prepared_folder(tmp_path / "shards")
     monkeypatch.setattr(loader_module, "RETRY_WAIT_S", 0.0)
-    with http_folder(folder, cut="shard-000001.tar") as url:
+    with http_folder(folder, cut="shard-000001.tar", cut_at=3 * 512 + 100) as url:
         loader = make_loader(url, "train", DataConfig(batch_size=1, num_workers=0), EVAL_16, words,
                              train=False, seed=0)
         texts = [t for _, tokens in loader for t in tokens["text"]]

@@ -4,20 +4,15 @@ summary, img2dataset shards (brace pattern) train with their skips counted and v
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
 import shutil
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
-from _train_fixtures import write_shards
+from _train_fixtures import http_folder, write_shards
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,37 +22,6 @@ from vgclip.data import loader as loader_module
 from vgclip.train.loop import train
 
 TINY = ["data.num_workers=0", "train.checkpoint_every=0"]
-
-
-@contextmanager
-def http_folder(root: Path, cut: str | None = None) -> Iterator[str]:
-    """Serve `root` on 127.0.0.1 (a free port) for the block. A file whose path ends with `cut` is
-    announced with its full Content-Length but sent only in part, then the connection closes."""
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            if cut is not None and self.path.endswith(cut):
-                data = (root / self.path.lstrip("/")).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data[: len(data) // 2])
-                self.close_connection = True
-                return
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
