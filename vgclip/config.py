@@ -28,6 +28,8 @@ SCORES = ("softmax", "sigmoid", "cosine")
 TEMPLATES = ("single", "ensemble")
 DIFFICULT_MODES = ("ignore", "positive")
 LOSSES = ("clip", "multipositive")
+SELECT_BY = ("val_loss", "zeroshot_map")
+CROPS = ("centre", "multi")
 
 
 def _at_least(key: str, value: float, low: float) -> None:
@@ -183,10 +185,14 @@ class TrainConfig:
     val_max_samples: int = 5000  # validation pairs per epoch (recall@K needs an N x N similarity matrix)
     # LiT: with a fully locked image tower and no augmentation, embed each image once and train on the cache.
     cache_locked_image: bool = True
+    # Which epoch's weights become best.safetensors: lowest validation loss, or highest zero-shot mAP on
+    # the held-out VOC-layout folder given as `vgclip train --val-voc-root` (evaluated every epoch).
+    select_by: str = "val_loss"
 
     def __post_init__(self) -> None:
         _one_of("train.precision", self.precision, PRECISIONS)
         _one_of("train.loss", self.loss, LOSSES)
+        _one_of("train.select_by", self.select_by, SELECT_BY)
         for key in ("epochs", "max_steps", "warmup_steps", "checkpoint_every"):
             _at_least(f"train.{key}", getattr(self, key), 0)
         for key in ("accum_steps", "log_every", "keep_checkpoints", "max_bad_steps", "val_max_samples"):
@@ -207,9 +213,14 @@ class EvalConfig:
     difficult: str = "ignore"  # "ignore" (official VOC) or "positive" (CLIP_benchmark)
     batch_size: int = 64
     thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    # "centre": one centre crop per image; "multi": the embeddings of several crops averaged (the centre
+    # crop, the two end squares along the long side, and five zoomed squares), so objects away from the
+    # centre count too (vgclip/data/views.py). Costs one image encoding per crop.
+    crops: str = "centre"
 
     def __post_init__(self) -> None:
         _one_of("eval.score", self.score, SCORES)
+        _one_of("eval.crops", self.crops, CROPS)
         if not (self.templates in TEMPLATES or Path(self.templates).suffix or "/" in self.templates):
             raise ConfigError(f"eval.templates={self.templates!r}: expected one of {', '.join(TEMPLATES)}, "
                               "or a file with one template per line")  # fmt: skip
