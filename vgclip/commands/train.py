@@ -29,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that already holds checkpoints (they are deleted)")
     p.add_argument("--voc-root", type=Path, help="evaluate the final model zero-shot on this Pascal VOC folder")
+    p.add_argument("--val-voc-root", type=Path, help="a held-out VOC-layout folder scored zero-shot after every "
+                   "epoch (its val split, else test): mAP in metrics.csv; train.select_by=zeroshot_map keeps the "
+                   "best checkpoint by it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     p.set_defaults(run=run)
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                               "or --overwrite to start again")
         shutil.rmtree(checkpoints)
     summary = train(config, args.data, args.out, resume=args.resume, voc_root=args.voc_root,
-                    val_data=args.val_data)
+                    val_data=args.val_data, val_voc_root=args.val_voc_root)
     if summary["failed_shards"]:
         import sys
 

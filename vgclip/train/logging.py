@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("step", "epoch", "split", "loss", "lr", "samples_per_s", "grad_norm",
-           "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "note")
+           "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "zeroshot_map", "note")
 
 
 class MetricsLogger:

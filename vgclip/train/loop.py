@@ -32,6 +32,7 @@ from vgclip.data.shards import as_location
 from vgclip.errors import VgclipError
 from vgclip.train import distributed as D
 from vgclip.train import state as S
+from vgclip.train import tracking
 from vgclip.train.advice import warn_small_data
 from vgclip.train.evaluate import validate
 from vgclip.train.grads import clip_gradients, keep_embedding_grads, zero_grads
@@ -53,6 +54,7 @@ class RunContext:
     val: ValSource | None  # where validation reads (inputs.py), None: no validation
     batches_per_epoch: int  # micro-batches every rank takes per epoch (data/epoch_plan.py)
     data_report: DataReport = field(default_factory=DataReport)  # skips of this session's loaders
+    val_voc: tracking.ValVoc | None = None  # --val-voc-root: scored zero-shot each epoch (tracking.py)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class Parts:
 
 
 def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: str | Path | None = None,
-          voc_root: str | Path | None = None, val_data: str | Path | None = None) -> dict[str, Any]:
+          voc_root: str | Path | None = None, val_data: str | Path | None = None,
+          val_voc_root: str | Path | None = None) -> dict[str, Any]:
     """Train CLIP on the shards at `data_dir`; write the run folder `out_dir`; return a summary.
 
     `data_dir` / `val_data`: any location vgclip.data.shards reads (folder, URL, brace pattern, pipe:);
@@ -77,9 +80,12 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
 
     `resume`: "latest" (newest checkpoint of `out_dir`) or a checkpoint folder.
     `voc_root`: if given, the final model is evaluated zero-shot on Pascal VOC (summary["zeroshot"]).
+    `val_voc_root`: a held-out VOC-layout folder scored zero-shot after every epoch (metrics.csv
+    `zeroshot_map`); needed by train.select_by=zeroshot_map (the best checkpoint -> RUN/best.safetensors).
     """
     run_dir = Path(out_dir)
     n_train, val_source = check_shards(data_dir, config.data, val_data)
+    val_voc = tracking.check_val_voc(val_voc_root, config)  # before any work, on every rank
     info = D.init_distributed()
     try:
         D.check_shared_folder(run_dir, info)  # before any rank reads (resume) or rank 0 writes the run folder
@@ -88,7 +94,7 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
         if info.is_main:
             warn_small_data(config, n_train)
         ctx = RunContext(config, info, as_location(data_dir), run_dir, val_source,
-                         batches_per_rank(n_train, info.world_size, config.data.batch_size))
+                         batches_per_rank(n_train, info.world_size, config.data.batch_size), val_voc=val_voc)
         seed_everything(config.train.seed)  # same seed on every rank: identical initial weights
         raw, eval_tf, tokenizer = _build_model(ctx)
         ctx = replace(ctx, config=replace(config, model=raw.config))  # timm's weight tag and mean/std resolved
@@ -110,7 +116,8 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
                 logger.close()
         summary = _finish(ctx, parts, pos, n_train, last_loss, val, time.perf_counter() - started, start_step)
         if voc_root is not None and info.is_main:
-            summary["zeroshot"] = _zeroshot(ctx, parts, Path(voc_root))
+            summary["zeroshot"] = tracking.final_zeroshot(parts.raw, parts.eval_tf, parts.tokenizer, ctx.config,
+                                                          ctx.run_dir, Path(voc_root), info.device)
         if info.is_main:  # after the zero-shot report, so the model card (RUN/README.md) can quote it
             from vgclip.export.model_card import finish_run_card
 
@@ -306,22 +313,28 @@ def _bad_step(ctx: RunContext, pos: S.Position, logger: MetricsLogger | None, lo
 
 def _end_of_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Position, logger: MetricsLogger | None,
                   epoch: int, finished: bool) -> dict[str, float]:
-    """Validate (rank 0), then checkpoint (at the start of the next epoch if this one is finished)."""
+    """Validate and score --val-voc-root (rank 0), then checkpoint (at the start of the next epoch if this one is
+    finished). Only rank 0 needs the numbers: it alone writes checkpoints and picks the best one."""
     val: dict[str, float] = {}
-    if ctx.val is not None and ctx.info.is_main:
-        val = _validate(ctx, parts)
-        logger.log(pos.step, "val", epoch=epoch, **{k: v for k, v in val.items() if k != "samples"})
-    D.barrier(ctx.info)
+    if ctx.info.is_main:
+        val, note = (_validate(ctx, parts) if ctx.val is not None else {}), ""
+        if ctx.val_voc is not None:
+            value, note = tracking.zeroshot_map(parts.raw, parts.eval_tf, parts.tokenizer, ctx.val_voc, ctx.config,
+                                                ctx.info.device)
+            val |= {} if value is None else {"zeroshot_map": value}
+        if val or note:
+            logger.log(pos.step, "val", epoch=epoch, **{k: v for k, v in val.items() if k != "samples"},
+                       **({"note": note} if note else {}))
+        tracking.progress_line(epoch, val, pos, ctx.config.train.select_by)
+    D.barrier(ctx.info)  # the other ranks wait here while rank 0 evaluates
     if finished and pos.batch_in_epoch < ctx.batches_per_epoch and logger:  # data the epoch did not see
         logger.log(pos.step, "train", epoch=epoch, note=f"epoch ended after {pos.batch_in_epoch} of "
                    f"{ctx.batches_per_epoch} planned micro-batches: a rank's loader ran short")
     if finished:
         pos.epoch, pos.batch_in_epoch = epoch + 1, 0
-    pos.val_loss = val.get("loss")
-    if pos.val_loss is not None and (pos.best_val_loss is None or pos.val_loss < pos.best_val_loss):
-        pos.best_val_loss = pos.val_loss
+    pos.record_validation(val.get("loss"), val.get("zeroshot_map"))
     _checkpoint(ctx, parts, opt, pos)
-    pos.val_loss = None
+    pos.record_validation(None, None)  # later (periodic) checkpoints hold no validation numbers
     return val
 
 
@@ -348,7 +361,7 @@ def _checkpoint(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Positio
         root = ctx.run_dir / "checkpoints"
         S.save_train_state(root, model=parts.raw, optimizer=opt.optimizer, scheduler=opt.scheduler,
                            scaler=opt.scaler, position=pos, config=config_to_dict(ctx.config), rank_rngs=rngs[1:])
-        S.prune_checkpoints(root, ctx.config.train.keep_checkpoints)
+        S.prune_checkpoints(root, ctx.config.train.keep_checkpoints, ctx.config.train.select_by)
     D.barrier(ctx.info)
 
 
@@ -357,34 +370,20 @@ def _finish(ctx: RunContext, parts: Parts, pos: S.Position, n_train: int, loss: 
     """Save the final weights (rank 0) and summarise the run."""
     from vgclip.model.checkpoint import save_model
 
+    best = None
     if ctx.info.is_main:
         save_model(ctx.run_dir, parts.raw, parts.tokenizer, ctx.config)
+        best = tracking.keep_best_weights(ctx.run_dir, ctx.config.train.select_by)  # RUN/best.safetensors
     D.barrier(ctx.info)
     return {
         "run_dir": str(ctx.run_dir), "steps": pos.step, "epochs": pos.epoch, "train_samples": n_train,
         "samples_seen": pos.samples_seen, "final_train_loss": loss, "val": val,
-        "best_val_loss": pos.best_val_loss, "bad_steps": pos.bad_steps, "seconds": seconds,
+        "best_val_loss": pos.best_val_loss, "best_zeroshot_map": pos.best_zeroshot_map, "best": best,
+        "bad_steps": pos.bad_steps, "seconds": seconds,
         "steps_this_session": pos.step - start_step, "data": str(ctx.data_dir),
         "val_data": None if ctx.val is None else str(ctx.val.location),
+        "val_voc_root": None if ctx.val_voc is None else str(ctx.val_voc.root),
         # this session's reads, all ranks: samples skipped by reason, shards that broke off (their URLs)
         **ctx.data_report.summary(lambda blob: D.gather_bytes(blob, ctx.info)),
     }
 
-
-def _zeroshot(ctx: RunContext, parts: Parts, voc_root: Path) -> dict:
-    """Zero-shot VOC test report of the final model into RUN/zeroshot/; its headline numbers.
-
-    The trained model is saved by then: an evaluation problem is reported, not raised.
-    """
-    from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
-
-    out = ctx.run_dir / "zeroshot"
-    options = ZeroshotOptions(num_workers=ctx.config.data.num_workers, checkpoint=str(ctx.run_dir))
-    try:
-        report = run_zeroshot(parts.raw, parts.eval_tf, parts.tokenizer, voc_root, "test", ctx.config.eval, out,
-                              options, device=ctx.info.device)
-    except VgclipError as exc:
-        return {"error": str(exc)}
-    finally:
-        parts.raw.train()
-    return {k: report[k] for k in ("mAP", "chance_mean") if k in report} | {"report": str(out)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -46,6 +47,30 @@ class Position:
     bad_steps: int = 0
     best_val_loss: float | None = None
     val_loss: float | None = None  # at this checkpoint, if validation ran just before it
+    best_zeroshot_map: float | None = None  # highest mAP on --val-voc-root so far (tracking.py)
+    zeroshot_map: float | None = None  # at this checkpoint, if --val-voc-root was scored just before it
+
+    def record_validation(self, val_loss: float | None, zeroshot_map: float | None) -> None:
+        """This epoch's numbers (saved with the next checkpoint) and the run's best so far."""
+        self.val_loss, self.zeroshot_map = val_loss, zeroshot_map
+        if is_better("val_loss", val_loss, self.best_val_loss):
+            self.best_val_loss = val_loss
+        if is_better("zeroshot_map", zeroshot_map, self.best_zeroshot_map):
+            self.best_zeroshot_map = zeroshot_map
+
+
+# train.select_by -> whether a higher value is better; a checkpoint's state.json holds the value in
+# position[<the same name>] (validation loss, zero-shot mAP on --val-voc-root).
+HIGHER_IS_BETTER = {"val_loss": False, "zeroshot_map": True}
+
+
+def is_better(select_by: str, value: float | None, best: float | None) -> bool:
+    """Whether `value` beats `best` by `select_by` (ties keep the earlier one; missing or non-finite never wins)."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best if HIGHER_IS_BETTER[select_by] else value < best
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -244,17 +269,23 @@ def resolve_resume(run_dir: Path, resume: str | Path) -> Path:
     raise VgclipError(f"--resume {path}: not a checkpoint folder (no {STATE_FILE}) nor a run with checkpoints")
 
 
-def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints plus the one with the best validation loss."""
+def best_checkpoint(ckpt_root: Path, select_by: str = "val_loss") -> tuple[Path, float] | None:
+    """(checkpoint, its value) of the best checkpoint by `select_by` (train.select_by), or None if none has one."""
+    best: tuple[Path, float] | None = None
+    for path in list_checkpoints(ckpt_root):
+        value = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["position"].get(select_by)
+        if is_better(select_by, value, None if best is None else best[1]):
+            best = (path, value)
+    return best
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int, select_by: str = "val_loss") -> None:
+    """Keep the newest `keep` checkpoints plus the best one by `select_by` (train.select_by)."""
     found = list_checkpoints(ckpt_root)
     keep_set = set(found[-keep:]) if keep > 0 else set()
-    best, best_loss = None, float("inf")
-    for path in found:
-        val = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["position"].get("val_loss")
-        if val is not None and val < best_loss:
-            best, best_loss = path, val
+    best = best_checkpoint(ckpt_root, select_by)
     if best is not None:
-        keep_set.add(best)
+        keep_set.add(best[0])
     for path in found:
         if path not in keep_set:
             shutil.rmtree(path, ignore_errors=True)
