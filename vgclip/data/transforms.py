@@ -80,7 +80,7 @@ class ImageTransform:
         traffic of stacking float images). At train time `flip=None` flips at random; the loader
         passes its own decision so it can mirror "left"/"right" in the paired phrase.
         """
-        chw = image if isinstance(image, torch.Tensor) else _pil_to_chw(image)
+        chw = image if isinstance(image, torch.Tensor) else pil_to_chw(image)
         height, width = chw.shape[-2:]
         if self.train:
             top, left, h, w = T.RandomResizedCrop.get_params(chw, TRAIN_SCALE, TRAIN_RATIO)
@@ -89,18 +89,7 @@ class ImageTransform:
             left_f, top_f, right_f, bottom_f = centre_square((width, height))
             left, top, w, h = round(left_f), round(top_f), round(right_f - left_f), round(bottom_f - top_f)
             flip = False
-        # torch's uint8 antialiased bicubic kernel matches PIL's bicubic resize (within a few grey
-        # levels) at about a third of the cost. Its fast path wants a channels-last contiguous
-        # input: a cropped view is not, and copying the crop first is cheaper than the slow path
-        # (numpy copies the HWC rows with memcpy, twice as fast as torch's strided copy).
-        hwc = chw.permute(1, 2, 0)[top : top + h, left : left + w]
-        if not hwc.is_contiguous():
-            hwc = torch.from_numpy(np.ascontiguousarray(hwc.numpy()))
-        # unsqueeze gives the batch dimension a full image's stride, so torch sees channels-last
-        # (a size-1 batch with stride 3 is ambiguous, and it then writes NCHW output one byte at a
-        # time: a third of the resize). The output stays channels-last; `stack_images` keeps it so.
-        crop = hwc.unsqueeze(0).permute(0, 3, 1, 2)
-        out = F.interpolate(crop, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)[0]
+        out = resize_box(chw, (left, top, w, h), self.image_size)
         return out.flip(-1) if flip else out
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -139,7 +128,25 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(images))
 
 
-def _pil_to_chw(image: Image.Image) -> torch.Tensor:
+def resize_box(chw: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """The (left, top, width, height) box of a uint8 (3, H, W) image resized to uint8 (3, size, size),
+    channels-last in memory."""
+    left, top, w, h = box
+    # torch's uint8 antialiased bicubic kernel matches PIL's bicubic resize (within a few grey
+    # levels) at about a third of the cost. Its fast path wants a channels-last contiguous
+    # input: a cropped view is not, and copying the crop first is cheaper than the slow path
+    # (numpy copies the HWC rows with memcpy, twice as fast as torch's strided copy).
+    hwc = chw.permute(1, 2, 0)[top : top + h, left : left + w]
+    if not hwc.is_contiguous():
+        hwc = torch.from_numpy(np.ascontiguousarray(hwc.numpy()))
+    # unsqueeze gives the batch dimension a full image's stride, so torch sees channels-last
+    # (a size-1 batch with stride 3 is ambiguous, and it then writes NCHW output one byte at a
+    # time: a third of the resize). The output stays channels-last; `stack_images` keeps it so.
+    crop = hwc.unsqueeze(0).permute(0, 3, 1, 2)
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+
+
+def pil_to_chw(image: Image.Image) -> torch.Tensor:
     """PIL image -> uint8 (3, H, W), a channels-last view of the one copy out of PIL."""
     if image.mode != "RGB":
         image = image.convert("RGB")

@@ -34,6 +34,7 @@ def predict(
     thresholds: Sequence[float] | None = None,
     class_texts: dict[str, str] | None = None,
     device: str | None = None,
+    crops: str = "centre",
 ) -> list[dict[str, Any]]:
     """Per image: the score of every label and the predicted labels (score >= threshold, else the top one)."""
     import numpy as np
@@ -47,7 +48,7 @@ def predict(
     texts = [readable_name(label, class_texts) for label in labels]
     prompts = templates_for(templates)
     class_emb = build_text_classifier(model, tokenizer, texts, prompts, dev)
-    enc = encode_images(model, list(images), image_transform, batch_size=32, num_workers=0, device=dev)
+    enc = encode_images(model, list(images), image_transform, batch_size=32, num_workers=0, device=dev, crops=crops)
     if enc.failed:
         index, reason = enc.failed[0]
         more = f" (and {len(enc.failed) - 1} more unreadable)" if len(enc.failed) > 1 else ""
@@ -69,13 +70,14 @@ def predict(
 def predict_settings(checkpoint: str | Path, labels: Sequence[str], *, thresholds_file: Path | None = None,
                      threshold: float | None = None, score: str | None = None,
                      templates: str | None = None) -> dict[str, Any]:
-    """Score kind, templates, per-label thresholds and class texts: explicit choices first, then the
+    """Score kind, templates, crops, per-label thresholds and class texts: explicit choices first, then the
     thresholds file, then the run's config. A choice that contradicts the thresholds file is an error."""
     from vgclip.model.checkpoint import checkpoint_eval_config
     from vgclip.eval.thresholds import load_thresholds, threshold_vector
 
     eval_cfg = checkpoint_eval_config(checkpoint, [])
-    out: dict[str, Any] = {"score": eval_cfg.score, "templates": eval_cfg.templates, "thresholds": None, "texts": None}
+    out: dict[str, Any] = {"score": eval_cfg.score, "templates": eval_cfg.templates, "crops": eval_cfg.crops,
+                           "thresholds": None, "texts": None}
     chosen = {"score": score, "templates": templates}
     if thresholds_file is not None:
         info = load_thresholds(thresholds_file)
@@ -84,6 +86,8 @@ def predict_settings(checkpoint: str | Path, labels: Sequence[str], *, threshold
             if flag and saved and flag != saved:
                 raise VgclipError(f"{thresholds_file} was tuned with {key}={saved}; --{key} {flag} would not match it")
             out[key] = saved or out[key]
+        # The scores the thresholds were tuned on came from these crops (files from before eval.crops: centre).
+        out["crops"] = info.get("crops", "centre")
         out["thresholds"] = threshold_vector(info, labels).tolist()
         out["texts"] = info.get("class_texts")
         if out["score"] == "softmax" and set(labels) != set(info.get("classes", labels)):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vgclip.config import EvalConfig
+from vgclip.data.views import encode_views, eval_transform
 from vgclip.data.voc import ImageListDataset, VocSplit, collate_images, load_voc
 from vgclip.errors import VgclipError
 from vgclip.eval.metrics import ranking_metrics, threshold_metrics
@@ -44,9 +45,14 @@ def encode_images(
     batch_size: int = 64,
     num_workers: int = 2,
     device: torch.device | str = "cpu",
+    crops: str = "centre",
 ) -> EncodedImages:
-    """Encode images in batches with a multi-worker DataLoader; unreadable files are reported, not fatal."""
+    """Encode images in batches with a multi-worker DataLoader; unreadable files are reported, not fatal.
+
+    `crops` is `eval.crops`: "multi" embeds several crops of each image and averages them (data/views.py).
+    """
     device = torch.device(device)
+    image_transform = eval_transform(image_transform, crops)
     # NHWC convolutions: measured 1.65x faster image encoding for EfficientNet-Lite0 on CPU (oneDNN);
     # also the fast layout for tensor cores. Converts the model's 4-D weights in place.
     model = model.to(memory_format=torch.channels_last)
@@ -64,10 +70,11 @@ def encode_images(
         failed.extend(batch["failed"])
         if batch["images"] is None:
             continue
-        images = batch["images"].to(device, non_blocking=True, memory_format=torch.channels_last)
+        images = batch["images"].to(device, non_blocking=True)  # [B, 3, S, S], or [B, V, 3, S, S] for views
         if sample is None:
-            sample = images[:1]
-        chunks.append((batch["index"], model.encode_image(images, normalize=True).float().cpu()))
+            sample = (images if images.dim() == 4 else images[:, 0])[:1].contiguous(memory_format=torch.channels_last)
+        emb = encode_views(lambda x: model.encode_image(x.contiguous(memory_format=torch.channels_last)), images)
+        chunks.append((batch["index"], emb.float().cpu()))
     ok = np.zeros(len(paths), dtype=bool)
     if not chunks:
         return EncodedImages(torch.zeros(0, 0), ok, failed, None)
@@ -137,7 +144,8 @@ def score_split(
     tokens_for_scale: Mapping | None = None,
 ) -> ScoredSplit:
     """Encode a split's images and score them; unreadable images leave the split, each one listed."""
-    enc = encode_images(model, data.image_paths, image_transform, eval_cfg.batch_size, num_workers, device)
+    enc = encode_images(model, data.image_paths, image_transform, eval_cfg.batch_size, num_workers, device,
+                        crops=eval_cfg.crops)
     failed = [{"image_id": data.image_ids[i], "reason": reason} for i, reason in enc.failed]
     if not enc.ok.any():
         raise VgclipError(f"{data.root}: no image of split '{data.split}' could be read ({failed[0]['reason']})")
@@ -264,6 +272,7 @@ def build_report(
         "score": eval_cfg.score,
         "templates": eval_cfg.templates,
         "template_texts": list(templates),
+        "crops": eval_cfg.crops,
         "difficult": eval_cfg.difficult,
         "difficult_note": DIFFICULT_NOTES[eval_cfg.difficult],
         "classes": list(classes),
@@ -280,7 +289,7 @@ def build_report(
     report["tuning"] = {"note": tune_note, "on_eval_split": bool(opts.tune_on_eval), "tuned": tune is not None}
     if tune is not None:
         info = tune_thresholds(tune.scores, tune.data.labels, tune.valid, classes, opts.threshold_mode, objective)
-        info.update(score=eval_cfg.score, templates=eval_cfg.templates, class_texts=dict(zip(classes, texts)),
+        info.update(score=eval_cfg.score, templates=eval_cfg.templates, crops=eval_cfg.crops, class_texts=dict(zip(classes, texts)),
                     tuned_on={"split": tune.data.split or "all annotated images", "images": len(tune.data.image_ids),
                               "skipped_images": len(tune.data.skipped),
                               "is_eval_split": bool(opts.tune_on_eval)})  # fmt: skip

@@ -43,6 +43,7 @@ class ServeOptions:
     thresholds: dict[str, float] | None = None  # per default label, from a thresholds file
     class_texts: dict[str, str] | None = None
     labels_source: str = "the 20 VOC classes"
+    crops: str = "centre"  # eval.crops the engine's transform applies (fixed at start: thresholds were tuned on it)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_images: int = 64
     max_pixels: int = 40_000_000
@@ -195,7 +196,7 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
     def labels() -> dict[str, Any]:
         """The default label list, score kind, templates and thresholds (from the start-time thresholds file)."""
         return {"labels": options.labels, "source": options.labels_source, "score": options.score,
-                "templates": options.templates, "thresholds": options.thresholds,
+                "templates": options.templates, "crops": options.crops, "thresholds": options.thresholds,
                 "score_kinds": list(SCORE_KINDS), "template_sets": list(TEMPLATE_SETS)}  # fmt: skip
 
     add_predict_route(app, engine, options)

@@ -22,7 +22,8 @@ from vgclip.data.images import ALLOWED_FORMATS, BadImageError
 class ServableTransform(Protocol):
     """What the server needs of a run's eval image transform (`vgclip.data.transforms.ImageTransform`)."""
 
-    image_size: int  # the eval transform needs at least this shorter side, so decoding may scale down to it
+    image_size: int  # side of the square model input
+    draft_size: int  # the transform needs at least this shorter side, so decoding may scale down to it
 
     def __call__(self, image: Any) -> torch.Tensor: ...
 
@@ -58,7 +59,7 @@ def decode_upload(name: str, data: bytes, transform: ServableTransform, max_pixe
     from vgclip.data.decoding import decode_image
 
     check_upload(name, data, max_pixels)
-    pixels = decode_image(name, data, draft_size=transform.image_size, tensor_ok=False)
+    pixels = decode_image(name, data, draft_size=transform.draft_size, tensor_ok=False)
     return transform(pixels)
 
 
@@ -162,8 +163,12 @@ class ScoringEngine:
 
     @torch.inference_mode()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, memory_format=torch.channels_last)
-        return self.model.encode_image(images, normalize=True).float().cpu()
+        """Unit embeddings of [k, 3, S, S] images, or of [k, V, 3, S, S] multi-crop views (averaged per image)."""
+        from vgclip.data.views import encode_views
+
+        images = images.to(self.device)
+        emb = encode_views(lambda x: self.model.encode_image(x.contiguous(memory_format=torch.channels_last)), images)
+        return emb.float().cpu()
 
     @torch.inference_mode()
     def _classifier(self, texts: tuple[str, ...], templates: str) -> torch.Tensor:

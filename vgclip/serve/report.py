@@ -164,7 +164,7 @@ def tune_on_report(data: ReportData, objective: str, mode: str) -> dict[str, Any
 
 def _with_provenance(data: ReportData, info: dict[str, Any]) -> dict[str, Any]:
     s = data.settings
-    info.update(score=s.get("score"), templates=s.get("templates"),
+    info.update(score=s.get("score"), templates=s.get("templates"), crops=s.get("crops", "centre"),
                 class_texts=s.get("class_texts") or {c: c for c in data.classes},
                 tuned_on={"split": s.get("split"), "images": len(data.image_ids), "skipped_images": 0,
                           "is_eval_split": True, "chosen_in": "vgclip serve"})  # fmt: skip

@@ -45,7 +45,7 @@ def default_options(setup: ServeSetup) -> Any:
     limits = dict(zip(labels, chosen["thresholds"])) if chosen["thresholds"] else None
     if setup.max_upload_mb <= 0 or setup.max_pixels <= 0:
         raise VgclipError("--max-upload-mb and --max-pixels must be positive")
-    return ServeOptions(labels, chosen["score"], chosen["templates"], limits, chosen["texts"], source,
+    return ServeOptions(labels, chosen["score"], chosen["templates"], limits, chosen["texts"], source, chosen["crops"],
                         max_upload_bytes=int(setup.max_upload_mb * 1024 * 1024), max_pixels=setup.max_pixels,
                         info={"checkpoint": str(setup.checkpoint)})  # fmt: skip
 
@@ -54,6 +54,7 @@ def build_app(setup: ServeSetup) -> Any:
     """The FastAPI app with the model loaded (once) and the report read."""
     import vgclip
     from vgclip.serve.app import create_app
+    from vgclip.data.views import eval_transform
     from vgclip.serve.engine import ScoringEngine
     from vgclip.serve.report import load_report
 
@@ -64,6 +65,7 @@ def build_app(setup: ServeSetup) -> Any:
     if setup.report is not None:
         report = load_report(setup.report, save_path=setup.save_thresholds, voc_root=setup.voc_root)
     model, transform, tokenizer = vgclip.load_checkpoint(setup.checkpoint)
+    transform = eval_transform(transform, options.crops)
     engine = ScoringEngine(model, transform, tokenizer, device=setup.device, max_batch=setup.max_batch,
                            max_wait_s=setup.batch_wait_ms / 1000)  # fmt: skip
     options.info["device"] = str(engine.device)

@@ -1,0 +1,102 @@
+"""Multi-crop evaluation (`eval.crops=multi`): the views cover the image, the first view is the centre crop,
+embeddings are averaged per image, and the choice travels with the thresholds to `vgclip predict`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vgclip.config import ConfigError, EvalConfig
+from vgclip.data.transforms import build_image_transform
+from vgclip.data.views import VIEWS, MultiCropTransform, crop_boxes, encode_views, eval_transform
+from vgclip.errors import VgclipError
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    import vgclip
+    from vgclip.model.checkpoint import save_model
+
+    config = vgclip.load_config("tiny")
+    model, _, tokenizer = vgclip.create_model(config)
+    out = tmp_path_factory.mktemp("views") / "run"
+    save_model(out, model, tokenizer, config)
+    return out
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory: pytest.TempPathFactory):
+    from vgclip.synthetic.writers import write_synthetic_voc
+
+    out = tmp_path_factory.mktemp("views") / "voc"
+    write_synthetic_voc(out, 24, seed=3, min_side=64, max_side=96)
+    return out
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 700), (256, 256), (900, 300)])  # up to 3:1, 3 squares span it
+def test_views_lie_inside_the_image_and_cover_all_of_it(size):
+    width, height = size
+    boxes = crop_boxes(width, height)
+    assert len(boxes) == VIEWS
+    covered = np.zeros((height, width), dtype=bool)
+    for left, top, w, h in boxes:
+        assert w == h > 0 and left >= 0 and top >= 0 and left + w <= width and top + h <= height
+        covered[top : top + h, left : left + w] = True
+    assert covered.all()  # an object anywhere in the photo is in some view (a centre crop alone drops the ends)
+    side = min(size)
+    assert boxes[0][2] == side and sorted(b[2] for b in boxes[3:]) == [round(0.6 * side)] * 5
+
+
+def test_first_view_is_exactly_the_centre_crop():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8))
+    centre = build_image_transform(64, train=False)
+    views = MultiCropTransform(centre)(image)
+    assert views.shape == (VIEWS, 3, 64, 64)
+    assert torch.equal(views[0], centre(image))
+    assert not torch.equal(views[1], views[2])  # the two ends of the long side differ
+
+
+def test_encode_views_averages_unit_embeddings_per_image():
+    weight = torch.randn(3, 5)
+
+    def encode(x):
+        return F.normalize(x.mean(dim=(2, 3)) @ weight, dim=-1)
+
+    flat = torch.randn(2, 3, 8, 8)
+    assert torch.equal(encode_views(encode, flat), encode(flat))
+    multi = torch.randn(2, 4, 3, 8, 8)
+    expected = F.normalize(torch.stack([encode(multi[i]).mean(0) for i in range(2)]), dim=-1)
+    assert torch.allclose(encode_views(encode, multi), expected, atol=1e-6)
+
+
+def test_choices_are_checked():
+    centre = build_image_transform(32, train=False)
+    assert eval_transform(centre, "centre") is centre
+    assert isinstance(eval_transform(centre, "multi"), MultiCropTransform)
+    with pytest.raises(VgclipError, match="eval.crops=multi needs vgclip's eval image transform"):
+        eval_transform(lambda image: image, "multi")
+    with pytest.raises(ConfigError, match="eval.crops"):
+        EvalConfig(crops="corners")
+
+
+def test_multi_crop_zeroshot_records_crops_and_predict_follows_the_thresholds(tiny_run, voc_root, tmp_path):
+    from vgclip.cli import main as cli
+
+    out = tmp_path / "report"
+    assert cli(["zeroshot", "--checkpoint", str(tiny_run), "--voc-root", str(voc_root), "--out", str(out),
+                "--no-plots", "--tune-on-eval", "eval.crops=multi"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["crops"] == "multi"
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds["crops"] == "multi"
+    from vgclip.eval.predict import predict_settings
+
+    settings = predict_settings(tiny_run, thresholds["classes"], thresholds_file=out / "thresholds.json")
+    assert settings["crops"] == "multi"
+    assert predict_settings(tiny_run, thresholds["classes"])["crops"] == "centre"  # the run's own eval config
