@@ -50,4 +50,7 @@ def test_coco_mini_training_gives_zero_shot_voc_well_above_chance(tmp_path):
     # Chance (the mean class prevalence) is 0.075 on these 100 photos; bench_quality's figures for the
     # defaults are in README "Zero-shot quality" (seed 0 is the one this test trains).
     assert report["chance_mean"] == pytest.approx(0.075, abs=0.01)
-    assert report["mAP"] > 0.5, (report["mAP"], report["chance_mean"])
+    assert report["settings"]["crops"] == "multi"  # offline-small evaluates 8 crops per image
+    # Seed 0 measured 0.6635 (README); the bar leaves room for other CPUs' rounding, not for the old
+    # defaults (0.546 on this seed).
+    assert report["mAP"] > 0.6, (report["mAP"], report["chance_mean"])

@@ -38,6 +38,17 @@ def voc_root(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
+@pytest.fixture(scope="module")
+def multi_report(tiny_run, voc_root, tmp_path_factory: pytest.TempPathFactory):
+    """`vgclip zeroshot ... eval.crops=multi` with thresholds tuned (on the evaluation split: a test)."""
+    from vgclip.cli import main as cli
+
+    out = tmp_path_factory.mktemp("views") / "report"
+    assert cli(["zeroshot", "--checkpoint", str(tiny_run), "--voc-root", str(voc_root), "--out", str(out),
+                "--no-plots", "--tune-on-eval", "eval.crops=multi"]) == 0
+    return out
+
+
 @pytest.mark.parametrize("size", [(640, 480), (300, 700), (256, 256), (900, 300)])  # up to 3:1, 3 squares span it
 def test_views_lie_inside_the_image_and_cover_all_of_it(size):
     width, height = size
@@ -85,12 +96,8 @@ def test_choices_are_checked():
         EvalConfig(crops="corners")
 
 
-def test_multi_crop_zeroshot_records_crops_and_predict_follows_the_thresholds(tiny_run, voc_root, tmp_path):
-    from vgclip.cli import main as cli
-
-    out = tmp_path / "report"
-    assert cli(["zeroshot", "--checkpoint", str(tiny_run), "--voc-root", str(voc_root), "--out", str(out),
-                "--no-plots", "--tune-on-eval", "eval.crops=multi"]) == 0
+def test_multi_crop_zeroshot_records_crops_and_predict_follows_the_thresholds(tiny_run, multi_report):
+    out = multi_report
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["crops"] == "multi"
     thresholds = json.loads((out / "thresholds.json").read_text())
@@ -100,3 +107,28 @@ def test_multi_crop_zeroshot_records_crops_and_predict_follows_the_thresholds(ti
     settings = predict_settings(tiny_run, thresholds["classes"], thresholds_file=out / "thresholds.json")
     assert settings["crops"] == "multi"
     assert predict_settings(tiny_run, thresholds["classes"])["crops"] == "centre"  # the run's own eval config
+
+
+def test_predict_and_serve_score_with_the_crops_of_the_thresholds(tiny_run, multi_report, tmp_path, capsys):
+    from vgclip.cli import main as cli
+    from vgclip.serve.startup import ServeSetup, build_app
+
+    out = multi_report
+    capsys.readouterr()
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (90, 30), "red").save(image)
+    classes = ",".join(json.loads((out / "thresholds.json").read_text())["classes"])
+    assert cli(["predict", "--checkpoint", str(tiny_run), "--labels", classes, "--thresholds",
+                str(out / "thresholds.json"), str(image), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["crops"] == "multi" and len(printed["results"]) == 1
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(ServeSetup(checkpoint=tiny_run, thresholds=out / "thresholds.json"))) as client:
+        assert client.get("/api/labels").json()["crops"] == "multi"
+        answer = client.post("/api/predict", data={"labels": classes},
+                             files=[("images", ("wide.png", image.read_bytes(), "image/png"))])
+        assert answer.status_code == 200, answer.text
+        served = answer.json()["results"][0]["scores"]
+    # The server scores the 8 crops as predict does (same model, same thresholds file).
+    assert served == pytest.approx(printed["results"][0]["scores"], abs=1e-5)
