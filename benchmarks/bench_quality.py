@@ -159,7 +159,7 @@ def eval_comparison(best: str, own: dict, work: Path, seeds: tuple[int, ...]) ->
     name_only = work / "name-only.txt"
     name_only.write_text("{}\n", encoding="utf-8")
     current = checkpoint_eval_config(str(work / f"{best}-seed{seeds[0]}"), [])
-    variants = {f"templates={label}": ("templates", templates or str(name_only)) for label, templates in PROMPTS.items()}
+    variants = {f"templates={label}": ("templates", text or str(name_only)) for label, text in PROMPTS.items()}
     variants.update({f"crops={crops}": ("crops", crops) for crops in CROPS})
     out = {}
     for label, (key, value) in variants.items():

@@ -289,7 +289,8 @@ def build_report(
     report["tuning"] = {"note": tune_note, "on_eval_split": bool(opts.tune_on_eval), "tuned": tune is not None}
     if tune is not None:
         info = tune_thresholds(tune.scores, tune.data.labels, tune.valid, classes, opts.threshold_mode, objective)
-        info.update(score=eval_cfg.score, templates=eval_cfg.templates, crops=eval_cfg.crops, class_texts=dict(zip(classes, texts)),
+        info.update(score=eval_cfg.score, templates=eval_cfg.templates, crops=eval_cfg.crops,
+                    class_texts=dict(zip(classes, texts)),
                     tuned_on={"split": tune.data.split or "all annotated images", "images": len(tune.data.image_ids),
                               "skipped_images": len(tune.data.skipped),
                               "is_eval_split": bool(opts.tune_on_eval)})  # fmt: skip
