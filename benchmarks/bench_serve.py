@@ -62,13 +62,14 @@ def make_run(folder: Path, config: str) -> Path:
     return folder
 
 
-def offline_round(loaded: tuple, paths: list[Path], labels: list[str]) -> float:
-    """Images/s of `predict` (model already loaded: the load is not part of either side's time)."""
+def offline_round(loaded: tuple, paths: list[Path], labels: list[str], crops: str) -> float:
+    """Images/s of `predict` (model already loaded: the load is not part of either side's time), with the
+    crops the server uses (the run's eval.crops)."""
     from vgclip.eval.predict import predict
 
     model, transform, tokenizer = loaded
     start = time.perf_counter()
-    predict(model, transform, tokenizer, paths, labels, score="softmax", templates="single")
+    predict(model, transform, tokenizer, paths, labels, score="softmax", templates="single", crops=crops)
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -151,11 +152,12 @@ def main() -> None:
         try:
             served_round(base, bodies[: args.clients * 2], labels, args.clients, args.time_limit)  # warm-up
             loaded = vgclip.load_checkpoint(run)
-            offline_round(loaded, paths[:8], labels)  # warm-up
+            crops = httpx2.get(f"{base}/api/labels").json()["crops"]  # what the server scores with
+            offline_round(loaded, paths[:8], labels, crops)  # warm-up
             rss_before = httpx2.get(f"{base}/api/health").json()["rss_bytes"]
             offline, served = [], []
             for _ in range(args.rounds):
-                offline.append(offline_round(loaded, paths, labels))
+                offline.append(offline_round(loaded, paths, labels, crops))
                 served.append(served_round(base, bodies, labels, args.clients, args.time_limit))
             health = httpx2.get(f"{base}/api/health").json()
         finally:
@@ -165,6 +167,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "serve", "images": len(paths), "clients": args.clients, "labels": len(labels),
         "rounds": args.rounds, "run": str(args.checkpoint or f"{args.config} towers (untrained projections)"),
+        "crops": crops,
         "offline_images_per_s": round(max(offline), 2), "served_images_per_s": round(best["images_per_s"], 2),
         "served_vs_offline": round(best["images_per_s"] / max(offline), 3),
         "requests_per_s": round(best["requests_per_s"], 2), "p50_ms": round(best["p50_ms"], 1),

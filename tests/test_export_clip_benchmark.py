@@ -80,11 +80,12 @@ def test_clip_benchmark_agrees_with_vgclip_zeroshot(bench, monkeypatch, capsys):
     argv = ["zeroshot", "--checkpoint", str(root / "run"), "--voc-root", str(root / "voc2007"), "--split", "test",
             "--tune-split", "none", "--classes", str(files["classes"]), "--class-names", str(files["class_names"]),
             "--templates", str(files["templates"]), "--difficult", "positive", "--score", "cosine",
-            "--no-plots", "--workers", "0", "--out", str(root / "report")]  # fmt: skip
+            "--no-plots", "--workers", "0", "--out", str(root / "report"), "eval.crops=centre"]  # fmt: skip
     assert vgclip_main(argv) == 0, capsys.readouterr().err
     report = json.loads((root / "report" / "report.json").read_text())
     settings = report["settings"]
     assert settings["template_texts"] == ["a photo of a {}."] and settings["difficult"] == "positive"
+    assert settings["crops"] == "centre"  # CLIP_benchmark embeds one centre crop (offline-small's default is 8)
     assert settings["class_texts"]["aeroplane"] == SYNTH_CLASSES[0] and settings["class_texts"]["cow"] == "cow"
     ours = protocol_map(report, bench["protocol"].classes)
     # Each side preprocesses the files its own way (decoder, where the centre crop sits): a small difference.

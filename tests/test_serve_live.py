@@ -197,6 +197,7 @@ def test_bench_serve_reports_both_sides(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["errors"] == 0 and out["clients"] == 4 and out["offline_images_per_s"] > 0
+    assert out["crops"] == "centre"  # both sides score with the run's eval.crops (the tiny preset: one crop)
     assert out["served_vs_offline"] == pytest.approx(out["served_images_per_s"] / out["offline_images_per_s"], rel=0.01)
     for key in ("requests_per_s", "p50_ms", "p95_ms", "server_rss_mb_before", "server_rss_mb_after"):
         assert out[key] > 0

@@ -4,8 +4,8 @@ CLIP_benchmark (`clip_benchmark eval --dataset voc2007_multilabel`) scores every
 VOC class names with its prompt templates, counts every annotated object as a positive ("difficult" ones
 included), ranks by cosine similarity and averages the per-class AP over all 20 classes, a class without
 positives counting 0. `vgclip zeroshot --classes classes.txt --class-names class_names.yaml
---templates templates.txt --difficult positive --score cosine` follows the same protocol; `protocol_map`
-averages its per-class APs the same way.
+--templates templates.txt --difficult positive --score cosine eval.crops=centre` follows the same protocol
+(CLIP_benchmark embeds one centre crop per image); `protocol_map` averages its per-class APs the same way.
 
 Its VOC loader knows only the 20 VOC class names and downloads VOC2007 unless the folder already holds
 `VOCdevkit/VOC2007/JPEGImages/000001.jpg` and `ImageSets/Main/aeroplane_test.txt`. `write_voc2007_copy`
