@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _serve_fixtures import make_run
 from PIL import Image
 
 from vgclip.config import ConfigError, EvalConfig
@@ -19,14 +20,7 @@ from vgclip.errors import VgclipError
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    import vgclip
-    from vgclip.model.checkpoint import save_model
-
-    config = vgclip.load_config("tiny")
-    model, _, tokenizer = vgclip.create_model(config)
-    out = tmp_path_factory.mktemp("views") / "run"
-    save_model(out, model, tokenizer, config)
-    return out
+    return make_run(tmp_path_factory.mktemp("views") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +126,19 @@ def test_predict_and_serve_score_with_the_crops_of_the_thresholds(tiny_run, mult
         served = answer.json()["results"][0]["scores"]
     # The server scores the 8 crops as predict does (same model, same thresholds file).
     assert served == pytest.approx(printed["results"][0]["scores"], abs=1e-5)
+
+
+@pytest.mark.parametrize("crops", ["centre", "multi"])
+def test_encode_images_asks_for_unit_embeddings(tmp_path, crops):
+    """open_clip models return unnormalised features unless asked: encode_images must ask, with or without views."""
+    from vgclip.eval.zeroshot import encode_images
+
+    class OpenClipLike(torch.nn.Module):
+        def encode_image(self, images, normalize: bool = False):
+            features = images.mean(dim=(2, 3)) * 10
+            return F.normalize(features, dim=-1) if normalize else features
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(path)
+    enc = encode_images(OpenClipLike(), [path], build_image_transform(32, train=False), num_workers=0, crops=crops)
+    assert torch.allclose(enc.embeddings.norm(dim=-1), torch.ones(1), atol=1e-5)

@@ -78,11 +78,18 @@ def eval_transform(transform: PixelTransform | Callable, crops: str) -> PixelTra
     return MultiCropTransform(transform)
 
 
+def unit_image_encoder(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model.encode_image` on channels-last input (the fast layout for oneDNN and tensor cores), asking for
+    unit embeddings explicitly: open_clip models default to unnormalised features."""
+    return lambda images: model.encode_image(images.contiguous(memory_format=torch.channels_last), normalize=True)
+
+
 def encode_views(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """Unit embeddings [B, D] of a batch [B, 3, S, S], or of a multi-crop batch [B, V, 3, S, S] (the mean
-    of each image's view embeddings, renormalised). `encode` maps [N, 3, S, S] to unit embeddings [N, D]."""
+    of each image's view embeddings, renormalised). `encode` maps [N, 3, S, S] to unit embeddings [N, D]
+    (`unit_image_encoder`)."""
     if images.dim() == 4:
         return encode(images)
     batch, views = images.shape[:2]
-    flat = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    flat = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # a view for `stack_images` batches
     return F.normalize(encode(flat).view(batch, views, -1).float().mean(1), dim=-1)

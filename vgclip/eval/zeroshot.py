@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vgclip.config import EvalConfig
-from vgclip.data.views import encode_views, eval_transform
+from vgclip.data.views import encode_views, eval_transform, unit_image_encoder
 from vgclip.data.voc import ImageListDataset, VocSplit, collate_images, load_voc
 from vgclip.errors import VgclipError
 from vgclip.eval.metrics import ranking_metrics, threshold_metrics
@@ -73,7 +73,7 @@ def encode_images(
         images = batch["images"].to(device, non_blocking=True)  # [B, 3, S, S], or [B, V, 3, S, S] for views
         if sample is None:
             sample = (images if images.dim() == 4 else images[:, 0])[:1].contiguous(memory_format=torch.channels_last)
-        emb = encode_views(lambda x: model.encode_image(x.contiguous(memory_format=torch.channels_last)), images)
+        emb = encode_views(unit_image_encoder(model), images)
         chunks.append((batch["index"], emb.float().cpu()))
     ok = np.zeros(len(paths), dtype=bool)
     if not chunks:

@@ -164,10 +164,9 @@ class ScoringEngine:
     @torch.inference_mode()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """Unit embeddings of [k, 3, S, S] images, or of [k, V, 3, S, S] multi-crop views (averaged per image)."""
-        from vgclip.data.views import encode_views
+        from vgclip.data.views import encode_views, unit_image_encoder
 
-        images = images.to(self.device)
-        emb = encode_views(lambda x: self.model.encode_image(x.contiguous(memory_format=torch.channels_last)), images)
+        emb = encode_views(unit_image_encoder(self.model), images.to(self.device))
         return emb.float().cpu()
 
     @torch.inference_mode()
