@@ -117,14 +117,15 @@ class ImageTransform:
 
 
 def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack (3, H, W) images into a batch; channels-last ones (`pixels` output) stay channels-last.
+    """Stack (..., 3, H, W) images (or multi-crop views) into a batch; channels-last ones (`pixels`
+    output) stay channels-last.
 
     A plain `torch.stack` of channels-last images gathers them byte by byte into NCHW, about six
-    times slower than stacking their (H, W, 3) views, which is one copy per image.
+    times slower than stacking their (..., H, W, 3) views, which is one copy per image.
     """
     same_shape = len({tuple(image.shape) for image in images}) == 1  # else torch.stack's own error
-    if same_shape and all(image.dim() == 3 and image.permute(1, 2, 0).is_contiguous() for image in images):
-        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    if same_shape and all(image.dim() >= 3 and image.movedim(-3, -1).is_contiguous() for image in images):
+        return torch.stack([image.movedim(-3, -1) for image in images]).movedim(-1, -3)
     return torch.stack(list(images))
 
 
