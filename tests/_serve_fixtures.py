@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -32,10 +31,3 @@ def make_report(run: Path, folder: Path, score: str = "sigmoid") -> tuple[Path, 
             "--no-plots", f"eval.score={score}"]  # fmt: skip
     assert main(argv) == 0
     return report, voc
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

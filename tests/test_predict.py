@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _serve_fixtures import make_run
 from PIL import Image
 
 from vgclip.cli import main
@@ -16,14 +17,7 @@ from vgclip.eval.thresholds import save_thresholds
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import vgclip
-    from vgclip.model.checkpoint import save_model
-
-    config = vgclip.load_config("tiny")
-    model, _, tokenizer = vgclip.create_model(config)
-    out = tmp_path_factory.mktemp("predict") / "run"
-    save_model(out, model, tokenizer, config)
-    return out
+    return make_run(tmp_path_factory.mktemp("predict") / "run")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from PIL import Image
 httpx = pytest.importorskip("httpx2", reason="httpx2 is not installed (pip install 'vgclip[dev]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'vgclip[serve]')")
 
-from _serve_fixtures import REAL_PHOTOS, free_port, make_report, make_run  # noqa: E402
+from _serve_fixtures import REAL_PHOTOS, make_report, make_run  # noqa: E402
+from _train_fixtures import free_port  # noqa: E402
 
 STARTUP_LIMIT_S = 180  # a loaded 2-core machine imports torch and transformers slowly
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
