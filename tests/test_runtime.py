@@ -69,13 +69,16 @@ def test_hub_weights_tag_and_normalisation_are_written_into_the_config():
 
 
 @pytest.mark.slow
-def test_a_run_saves_its_resolved_settings(tmp_path):
+def test_a_run_saves_its_resolved_settings(tmp_path, capfd):
     from vgclip.train.loop import train
 
     shards = write_shards(tmp_path / "shards", n_train=16, n_val=0)
     config = load_config("tiny", ["train.epochs=1", "data.batch_size=8", "train.precision=auto",
                                   "data.num_workers=-1"])
     train(config, shards, tmp_path / "run")
+    # The memory line goes with the other progress lines: a caller's stdout (a benchmark's JSON) stays its own.
+    out, err = capfd.readouterr()
+    assert "vgclip train: global batch 8 = 8 per micro-batch" in err and "global batch" not in out
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     tower = create_model(config.model)[0].visual
     assert saved["train"]["precision"] == "fp32" and saved["data"]["num_workers"] >= 1

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -132,4 +133,5 @@ def report_memory(config: Config, info: DistInfo, model: nn.Module, tokenizer) -
     if info.is_main:
         print("vgclip train: " + memory_plan(static=static_memory_bytes(model), per_sample=per_sample,
                                              micro_batch=config.data.batch_size, accum_steps=config.train.accum_steps,
-                                             world_size=info.world_size, device_bytes=device_bytes), flush=True)
+                                             world_size=info.world_size, device_bytes=device_bytes),
+              file=sys.stderr, flush=True)  # with the other progress lines: stdout stays the caller's
