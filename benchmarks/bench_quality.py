@@ -64,6 +64,19 @@ EXTRA_RECIPES: dict[str, list[str]] = {
     # The defaults without gradient clipping (the feature-level sweep hinted it slows the projections).
     "defaults_no_clip": ["train.grad_clip=0"],
 }
+# One-setting changes to the defaults, the sweep through `vgclip train` that README reports
+# (`--recipes sweep` runs them all).
+SWEEP: dict[str, list[str]] = {
+    "warmup5": ["train.warmup_steps=5"],
+    "epochs20": ["train.epochs=20"],
+    "lr3e-3": ["train.lr=3e-3"],
+    "lr3e-4": ["train.lr=3e-4"],
+    "batch16": ["data.batch_size=16"],
+    "weight_decay0.1": ["train.weight_decay=0.1"],
+    "temperature0.03": ["model.init_temperature=0.03"],
+    "two_captions": ["data.pairing=combine:2"],
+}
+EXTRA_RECIPES.update(SWEEP)
 ALL_RECIPES = {**RECIPES, **EXTRA_RECIPES}
 # Every recipe keeps the preset's eval settings (eval.crops=multi, 8 crops per image) unless it says
 # otherwise; `eval_on_best` re-scores the best recipe's runs with one centre crop.
@@ -175,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the protocol and print the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed; the defaults only")
-    parser.add_argument("--recipes", help="comma list of recipes to run (default: all)")
+    parser.add_argument("--recipes", help="comma list of recipes to run (default: RECIPES); 'sweep': the SWEEP ones")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed at the end)")
     args = parser.parse_args(argv)
     if not (COCO.is_dir() and VOC.is_dir()):
         raise SystemExit(f"bench_quality: the real data samples are not under {SHARED}")
     names = args.recipes.split(",") if args.recipes else list(RECIPES)
+    names = [n for name in names for n in (SWEEP if name == "sweep" else [name])]
     if args.quick and not args.recipes:
         names = ["defaults"]
     unknown = [n for n in names if n not in ALL_RECIPES]
