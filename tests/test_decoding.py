@@ -78,16 +78,26 @@ def test_scale_is_the_smallest_eighth_that_does_not_upsample():
 def test_scaled_decode_then_resize_matches_full_decode(turbo, progressive):
     data = encode(photo(), progressive=progressive)
     transform = build_image_transform(88, train=False)
-    pixels = decode(data, draft_size=transform.draft_size)
+    pixels = decode(data, draft_size=transform.image_size)
     # 88 of the 150 px shorter side: 5/8 scale with simplejpeg; full size otherwise (draft needs 2x).
     assert tuple(pixels.shape) == ((3, 94, 125) if turbo else (3, 150, 200))
     assert mean_abs(transform.pixels(pixels), transform.pixels(reference(data))) < 3
 
 
+def test_eval_transforms_take_the_full_size_decode(turbo):
+    """Evaluation pixels must be torchvision's on the file (open_clip, CLIP_benchmark): no DCT-scaled decode."""
+    from vgclip.data.views import MultiCropTransform
+
+    eval_tf = build_image_transform(88, train=False)
+    assert eval_tf.draft_size is None and MultiCropTransform(eval_tf).draft_size is None
+    assert tuple(decode(encode(photo()), draft_size=eval_tf.draft_size).shape) == (3, 150, 200)
+    assert build_image_transform(88, train=True).draft_size == 125  # training may decode smaller
+
+
 def test_large_downscale_and_pil_only_transforms(turbo):
     data = encode(photo((320, 240)))
     transform = build_image_transform(40, train=False)
-    image = decode(data, draft_size=transform.draft_size, tensor_ok=False)
+    image = decode(data, draft_size=transform.image_size, tensor_ok=False)
     assert isinstance(image, Image.Image) and image.mode == "RGB"
     # 40/240: 2/8 scale with simplejpeg, PIL draft's 1/4 otherwise; never below the needed size.
     assert image.size == (80, 60)
@@ -105,7 +115,7 @@ CROP_TOLERANCE = 7
 def test_region_crops_land_on_the_same_content(turbo, box):
     data = encode(photo(seed=1))
     transform = build_image_transform(32, train=False)
-    pixels = decode(data, crop=box, draft_size=transform.draft_size)
+    pixels = decode(data, crop=box, draft_size=transform.image_size)
     height, width = pixels.shape[1:] if isinstance(pixels, torch.Tensor) else pixels.size[::-1]
     short = min(box[2] - box[0], box[3] - box[1])
     assert min(height, width) >= min(32, short) - 1  # the box, decoded at no less than the need
@@ -128,7 +138,7 @@ def test_grayscale_cmyk_and_misnamed_png_decode_to_rgb(turbo, mode, tmp_path):
     data = encode(img, "PNG") if mode == "PNG" else encode(img.convert(mode))
     transform = build_image_transform(16, train=False)
     for tensor_ok in (True, False):
-        pixels = decode(data, draft_size=transform.draft_size, tensor_ok=tensor_ok)
+        pixels = decode(data, draft_size=transform.image_size, tensor_ok=tensor_ok)
         if isinstance(pixels, Image.Image):
             assert pixels.mode == "RGB"
         else:
@@ -203,8 +213,8 @@ def test_fast_decode_off_gives_the_same_pictures(box):
     """`data.fast_decode=false` (full-size PIL) sees what the speed paths give, within the same tolerance."""
     data = encode(photo(seed=2))
     transform = build_image_transform(32, train=False)
-    fast = decode(data, crop=box, draft_size=transform.draft_size)
-    plain = decode(data, crop=box, draft_size=transform.draft_size, fast=False)
+    fast = decode(data, crop=box, draft_size=transform.image_size)
+    plain = decode(data, crop=box, draft_size=transform.image_size, fast=False)
     assert tuple(plain.shape[1:]) == ((150, 200) if box is None else (box[3] - box[1], box[2] - box[0]))
     assert mean_abs(transform.pixels(fast), transform.pixels(plain)) < (3 if box is None else CROP_TOLERANCE)
     assert torch.equal(transform.pixels(plain), transform.pixels(reference(data, box)))

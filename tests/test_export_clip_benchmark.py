@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +28,12 @@ from vgclip.export.open_clip import export_open_clip, load_open_clip_folder
 from vgclip.model.checkpoint import save_model
 from vgclip.synthetic.writers import SYNTH_CLASSES, write_synthetic_voc
 
+from _voc_fixtures import write_renumbered_voc
+
 pytest.importorskip("open_clip")
 pytest.importorskip("clip_benchmark")
+
+REAL_VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +59,7 @@ def bench(tmp_path_factory):
     return {"root": root, "protocol": protocol, "files": files}
 
 
-def _run_clip_benchmark(bench, monkeypatch) -> float:
+def _run_clip_benchmark(bench, monkeypatch, voc_copy: str = "voc2007") -> float:
     from clip_benchmark import cli
     from clip_benchmark.datasets import voc2007
 
@@ -62,9 +67,9 @@ def _run_clip_benchmark(bench, monkeypatch) -> float:
         raise AssertionError(f"CLIP_benchmark tried to download {args}")
 
     monkeypatch.setattr(voc2007, "download_url", no_download)
-    root, out = bench["root"], bench["root"] / "clip_benchmark.json"
+    root, out = bench["root"], bench["root"] / f"clip_benchmark-{voc_copy}.json"
     monkeypatch.setattr(sys, "argv", [
-        "clip_benchmark", "eval", "--dataset", DATASET, "--dataset_root", str(root / "voc2007"), "--split", "test",
+        "clip_benchmark", "eval", "--dataset", DATASET, "--dataset_root", str(root / voc_copy), "--split", "test",
         "--model", f"local-dir:{root / 'open_clip'}", "--pretrained", "vgclip", "--no_amp", "--num_workers", "0",
         "--batch_size", "16", "--custom_classname_file", str(bench["files"]["clip_benchmark_classnames"]),
         "--output", str(out),
@@ -73,24 +78,75 @@ def _run_clip_benchmark(bench, monkeypatch) -> float:
     return json.loads(out.read_text())["metrics"]["mean_average_precision"]
 
 
+def _vgclip_protocol_report(bench, capsys, voc_copy: str = "voc2007") -> dict:
+    """`vgclip zeroshot` on a VOC2007 copy with CLIP_benchmark's protocol (the documented command)."""
+    root, files = bench["root"], bench["files"]
+    out = root / f"report-{voc_copy}"
+    argv = ["zeroshot", "--checkpoint", str(root / "run"), "--voc-root", str(root / voc_copy), "--split", "test",
+            "--tune-split", "none", "--classes", str(files["classes"]), "--class-names", str(files["class_names"]),
+            "--templates", str(files["templates"]), "--difficult", "positive", "--score", "cosine",
+            "--no-plots", "--workers", "0", "--out", str(out), "eval.crops=centre"]  # fmt: skip
+    assert vgclip_main(argv) == 0, capsys.readouterr().err
+    return json.loads((out / "report.json").read_text())
+
+
 @pytest.mark.slow
 def test_clip_benchmark_agrees_with_vgclip_zeroshot(bench, monkeypatch, capsys):
     cb_map = _run_clip_benchmark(bench, monkeypatch)
-    root, files = bench["root"], bench["files"]
-    argv = ["zeroshot", "--checkpoint", str(root / "run"), "--voc-root", str(root / "voc2007"), "--split", "test",
-            "--tune-split", "none", "--classes", str(files["classes"]), "--class-names", str(files["class_names"]),
-            "--templates", str(files["templates"]), "--difficult", "positive", "--score", "cosine",
-            "--no-plots", "--workers", "0", "--out", str(root / "report"), "eval.crops=centre"]  # fmt: skip
-    assert vgclip_main(argv) == 0, capsys.readouterr().err
-    report = json.loads((root / "report" / "report.json").read_text())
+    report = _vgclip_protocol_report(bench, capsys)
     settings = report["settings"]
     assert settings["template_texts"] == ["a photo of a {}."] and settings["difficult"] == "positive"
     assert settings["crops"] == "centre"  # CLIP_benchmark embeds one centre crop (offline-small's default is 8)
     assert settings["class_texts"]["aeroplane"] == SYNTH_CLASSES[0] and settings["class_texts"]["cow"] == "cow"
     ours = protocol_map(report, bench["protocol"].classes)
-    # Each side preprocesses the files its own way (decoder, where the centre crop sits): a small difference.
-    assert abs(cb_map - ours) <= 0.005, (cb_map, ours)
+    # Each side decodes and resizes the files its own way (the same geometry: a rounding step apart).
+    assert abs(cb_map - ours) <= 0.002, (cb_map, ours)
     assert ours < report["mAP"]  # 12 of CLIP_benchmark's 20 classes have no positive here and count as 0
+
+
+@pytest.fixture(scope="module")
+def real_voc2007(bench):
+    """The 100 real VOC2012 photos of ../shared/data as a VOC2007 copy CLIP_benchmark reads offline."""
+    if not REAL_VOC.is_dir():
+        pytest.skip(f"real photos not found under {REAL_VOC}")
+    root = bench["root"]
+    renumbered = write_renumbered_voc(REAL_VOC, root / "real-renumbered")
+    protocol = bench["protocol"]
+    write_voc2007_copy(renumbered, root / "real-voc2007", dict(zip(protocol.classes, protocol.classes)))
+    return root / "real-voc2007"
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_real_photos_embed_alike_in_vgclip_and_open_clip(bench, real_voc2007):
+    """Each side with its own preprocessing (vgclip zeroshot's decoder and transform, open_clip's preprocess on
+    PIL): the same geometry, so every photo's embedding agrees (a half-pixel shift alone gave cosines ~0.985)."""
+    from PIL import Image
+
+    from vgclip.data.voc import ImageListDataset
+
+    model, transform, _ = vgclip.load_checkpoint(bench["root"] / "run")
+    oc_model, oc_preprocess, _ = load_open_clip_folder(bench["root"] / "open_clip")
+    paths = sorted((real_voc2007 / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))
+    assert len(paths) == 100
+    dataset = ImageListDataset(paths, transform)
+    cosines = []
+    for start in range(0, len(paths), 25):
+        batch = range(start, min(start + 25, len(paths)))
+        ours = torch.stack([dataset[i][1] for i in batch]).contiguous()
+        theirs = torch.stack([oc_preprocess(Image.open(paths[i])) for i in batch])
+        cosines.append((model.encode_image(ours) * oc_model.encode_image(theirs, normalize=True)).sum(-1))
+    cosine = torch.cat(cosines)
+    assert cosine.min() >= 0.9995, (cosine.min(), paths[int(cosine.argmin())].name)
+
+
+@pytest.mark.slow
+def test_clip_benchmark_agrees_with_vgclip_zeroshot_on_real_photos(bench, real_voc2007, monkeypatch, capsys):
+    cb_map = _run_clip_benchmark(bench, monkeypatch, real_voc2007.name)
+    report = _vgclip_protocol_report(bench, capsys, real_voc2007.name)
+    assert report["evaluated_images"] == 100 and report["unreadable_images"] == 0
+    ours = protocol_map(report, bench["protocol"].classes)
+    assert abs(cb_map - ours) <= 0.002, (cb_map, ours)
 
 
 @pytest.mark.slow

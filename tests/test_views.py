@@ -4,6 +4,7 @@ embeddings are averaged per image, and the choice travels with the thresholds to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from _serve_fixtures import make_run
 from PIL import Image
 
 from vgclip.config import ConfigError, EvalConfig
-from vgclip.data.transforms import build_image_transform
-from vgclip.data.views import VIEWS, MultiCropTransform, crop_boxes, encode_views, eval_transform
+from vgclip.data.transforms import build_image_transform, resized_size
+from vgclip.data.views import VIEWS, ZOOM, MultiCropTransform, crop_views, encode_views, eval_transform
 from vgclip.errors import VgclipError
 
 
@@ -46,15 +47,48 @@ def multi_report(tiny_run, voc_root, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("size", [(640, 480), (300, 700), (256, 256), (900, 300)])  # up to 3:1, 3 squares span it
 def test_views_lie_inside_the_image_and_cover_all_of_it(size):
     width, height = size
-    boxes = crop_boxes(width, height)
-    assert len(boxes) == VIEWS
+    views = crop_views(width, height, 64)
+    assert len(views) == VIEWS
     covered = np.zeros((height, width), dtype=bool)
-    for left, top, w, h in boxes:
-        assert w == h > 0 and left >= 0 and top >= 0 and left + w <= width and top + h <= height
-        covered[top : top + h, left : left + w] = True
+    for view in views:
+        resized_w, resized_h = resized_size(width, height, view.short_side)
+        assert view.left >= 0 and view.top >= 0 and view.left + 64 <= resized_w and view.top + 64 <= resized_h
+        sx, sy = width / resized_w, height / resized_h  # the view's square in source pixels
+        left, top = int(view.left * sx), int(view.top * sy)
+        covered[top : round((view.top + 64) * sy), left : round((view.left + 64) * sx)] = True
     assert covered.all()  # an object anywhere in the photo is in some view (a centre crop alone drops the ends)
-    side = min(size)
-    assert boxes[0][2] == side and sorted(b[2] for b in boxes[3:]) == [round(0.6 * side)] * 5
+    assert [v.short_side for v in views] == [64] * 3 + [round(64 / ZOOM)] * 5
+
+
+def _smooth_image(size: tuple[int, int], seed: int) -> Image.Image:
+    """Photo-like (smooth) random content: pure noise would measure the kernels' rounding of clipped overshoot."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, size[1] // 4), max(2, size[0] // 4), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.BILINEAR)
+
+
+def _real_photos(count: int) -> list[Image.Image]:
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"
+    return [Image.open(p).convert("RGB") for p in sorted(folder.rglob("*.jpg"))[:count]]
+
+
+def test_views_are_torchvision_resize_and_crops():
+    """Each view is torchvision's Resize + CenterCrop / end squares / FiveCrop on the PIL image, as open_clip
+    preprocesses: the same pixels up to the kernels' rounding (a misplaced crop moves textured pixels by far more)."""
+    from torchvision import transforms as T
+
+    side = 64
+    images = [_smooth_image(size, n) for n, size in enumerate([(500, 275), (333, 500), (97, 96), (64, 200), (40, 30)])]
+    for image in images + _real_photos(8):  # the real photos where ../shared/data is present
+        near = T.Resize(side, interpolation=T.InterpolationMode.BICUBIC)(image)
+        far = T.Resize(round(side / ZOOM), interpolation=T.InterpolationMode.BICUBIC)(image)
+        width, height = near.size
+        expected = [T.CenterCrop(side)(near), near.crop((0, 0, side, side)),
+                    near.crop((width - side, height - side, width, height)), *T.FiveCrop(side)(far)]
+        views = MultiCropTransform(build_image_transform(side, train=False)).pixels(image)
+        for got, want in zip(views, expected, strict=True):
+            grey = (got.int() - torch.from_numpy(np.array(want)).permute(2, 0, 1).int()).abs()
+            assert grey.max() <= 2 and grey.float().mean() < 0.05, (image.size, grey.max(), grey.float().mean())
 
 
 def test_first_view_is_exactly_the_centre_crop():

@@ -1,16 +1,17 @@
 """Image transforms of a tower: train-time augmentation and eval-time resize + centre crop.
 
-Both resample only the needed source box (instead of resize-everything-then-crop), on uint8
-pixels with torchvision's antialiased bicubic kernel (PIL's filter), then convert to normalised
-float: the same picture as RandomResizedCrop / Resize + CenterCrop + ToTensor + Normalize on PIL
-images (the centre crop may sit a fraction of a pixel apart: a few grey levels), at a fraction of
-the cost, which matters because decoding and transforms are the loader's bottleneck.
+Both run on uint8 pixels with torch's antialiased bicubic kernel (PIL's filter, within a rounding
+step), then convert to normalised float. Train: RandomResizedCrop + flip, resampling only the
+drawn source box (the loader's bottleneck). Eval: exactly torchvision's `Resize(S, bicubic,
+antialias) + CenterCrop(S)`, the preprocessing of open_clip and CLIP_benchmark, with sizes and
+offsets computed as torchvision computes them (`resized_size`, `centre_crop_offset`), on the
+full-size decode, so an exported model sees a photo as vgclip does.
 
 `PixelTransform` is the contract between a transform and the loaders (the shard loader, the LiT
 feature cache, the zero-shot image list): how small an image it can take without upsampling
-(`draft_size`, so the JPEG decoder may downscale while decoding), the per-image uint8 part
-(`pixels`, which also takes uint8 (3, H, W) tensors and lets the caller decide the flip) and the
-per-batch float part (`normalize`). `ImageTransform` implements it.
+(`draft_size`, so the JPEG decoder may downscale while decoding; None: decode at full size), the
+per-image uint8 part (`pixels`, which also takes uint8 (3, H, W) tensors and lets the caller decide
+the flip) and the per-batch float part (`normalize`). `ImageTransform` implements it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class PixelTransform(Protocol):
     """What the loaders need of an image transform; `transform(image) == normalize(pixels(image))`."""
 
     # Smallest shorter side (px) the transform takes without upsampling: the decoder may shrink to it.
-    draft_size: int
+    # None: decode at full size (evaluation, whose pixels must equal torchvision's on the file).
+    draft_size: int | None
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor: ...
 
@@ -64,8 +66,9 @@ class ImageTransform:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         # Smallest shorter side the transform can take without upsampling: a train crop may cover
-        # only TRAIN_SCALE[0] of the area, i.e. sqrt(0.5) of the side.
-        self.draft_size = math.ceil(image_size / math.sqrt(TRAIN_SCALE[0])) if train else self.image_size
+        # only TRAIN_SCALE[0] of the area, i.e. sqrt(0.5) of the side. Evaluation decodes at full
+        # size: a DCT-scaled decode moves photo embeddings as far as a misplaced crop does.
+        self.draft_size = math.ceil(image_size / math.sqrt(TRAIN_SCALE[0])) if train else None
         # x/255 normalised in one multiply-add: (x - 255*mean) / (255*std).
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
@@ -81,15 +84,13 @@ class ImageTransform:
         passes its own decision so it can mirror "left"/"right" in the paired phrase.
         """
         chw = image if isinstance(image, torch.Tensor) else pil_to_chw(image)
-        height, width = chw.shape[-2:]
-        if self.train:
-            top, left, h, w = T.RandomResizedCrop.get_params(chw, TRAIN_SCALE, TRAIN_RATIO)
-            flip = bool(torch.rand(()) < 0.5) if flip is None else flip
-        else:
-            left_f, top_f, right_f, bottom_f = centre_square((width, height))
-            left, top, w, h = round(left_f), round(top_f), round(right_f - left_f), round(bottom_f - top_f)
-            flip = False
-        out = resize_box(chw, (left, top, w, h), self.image_size)
+        if not self.train:  # Resize(S) + CenterCrop(S), as torchvision computes them
+            resized = resize_box(chw, None, resized_size(chw.shape[-1], chw.shape[-2], self.image_size))
+            left, top = centre_crop_offset(resized.shape[-1], resized.shape[-2], self.image_size)
+            return crop_square(resized, left, top, self.image_size)
+        top, left, h, w = T.RandomResizedCrop.get_params(chw, TRAIN_SCALE, TRAIN_RATIO)
+        flip = bool(torch.rand(()) < 0.5) if flip is None else flip
+        out = resize_box(chw, (left, top, w, h), (self.image_size, self.image_size))
         return out.flip(-1) if flip else out
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -129,12 +130,12 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(images))
 
 
-def resize_box(chw: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The (left, top, width, height) box of a uint8 (3, H, W) image resized to uint8 (3, size, size),
-    channels-last in memory."""
-    left, top, w, h = box
-    # torch's uint8 antialiased bicubic kernel matches PIL's bicubic resize (within a few grey
-    # levels) at about a third of the cost. Its fast path wants a channels-last contiguous
+def resize_box(chw: torch.Tensor, box: tuple[int, int, int, int] | None, size: tuple[int, int]) -> torch.Tensor:
+    """The (left, top, width, height) box of a uint8 (3, H, W) image (None: all of it) resized to
+    `size` = (width, height), uint8 (3, height, width) channels-last in memory."""
+    left, top, w, h = box if box is not None else (0, 0, chw.shape[-1], chw.shape[-2])
+    # torch's uint8 antialiased bicubic kernel matches PIL's bicubic resize (within a rounding
+    # step) at about a third of the cost. Its fast path wants a channels-last contiguous
     # input: a cropped view is not, and copying the crop first is cheaper than the slow path
     # (numpy copies the HWC rows with memcpy, twice as fast as torch's strided copy).
     hwc = chw.permute(1, 2, 0)[top : top + h, left : left + w]
@@ -144,7 +145,25 @@ def resize_box(chw: torch.Tensor, box: tuple[int, int, int, int], size: int) -> 
     # (a size-1 batch with stride 3 is ambiguous, and it then writes NCHW output one byte at a
     # time: a third of the resize). The output stays channels-last; `stack_images` keeps it so.
     crop = hwc.unsqueeze(0).permute(0, 3, 1, 2)
-    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+    return F.interpolate(crop, size=(size[1], size[0]), mode="bicubic", antialias=True)[0]
+
+
+def crop_square(chw: torch.Tensor, left: int, top: int, side: int) -> torch.Tensor:
+    """The side x side square at (left, top) of a (3, H, W) image, as a channels-last copy."""
+    return chw.movedim(-3, -1)[top : top + side, left : left + side].contiguous().movedim(-1, -3)
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's `Resize(size)`: the shorter side becomes `size`, the
+    longer one scales with it and is truncated to an integer (torchvision's own rule)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def centre_crop_offset(width: int, height: int, side: int) -> tuple[int, int]:
+    """(left, top) of torchvision's `CenterCrop(side)` in a width x height image (Python's round)."""
+    return int(round((width - side) / 2.0)), int(round((height - side) / 2.0))
 
 
 def pil_to_chw(image: Image.Image) -> torch.Tensor:
@@ -157,17 +176,6 @@ def pil_to_chw(image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
 
 
-def centre_square(size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """The centred square box (left, top, right, bottom) with the shorter side of `size`.
-
-    Resizing this box to S x S equals resizing the shorter side to S and centre-cropping S x S.
-    """
-    width, height = size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
-
-
 def build_image_transform(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -177,6 +185,6 @@ def build_image_transform(
     """PIL image -> normalised float tensor (3, image_size, image_size), channels-last in memory.
 
     Train: random resized crop (area 0.5-1, aspect 3/4-4/3, bicubic) and horizontal flip, drawn
-    from torch's RNG. Eval: resize the shorter side to image_size, centre crop.
+    from torch's RNG. Eval: torchvision's Resize(image_size) + CenterCrop(image_size).
     """
     return ImageTransform(image_size, mean, std, train)

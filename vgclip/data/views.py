@@ -1,39 +1,59 @@
 """Several crops of one image for evaluation (`eval.crops=multi`), their embeddings averaged.
 
 A centre crop drops whatever lies near the ends of the long side, and a small object takes few
-pixels of it; in multi-label classification both cost recall. The views are the centre square,
-the two end squares along the long side, and five zoomed squares (ZOOM of the shorter side: the
-four corners and the centre). Averaging the unit embeddings of all views and renormalising gives
-one embedding per image, so scoring, thresholds and reports work unchanged. Together the views cover
-every pixel of images up to 3:1 (wider ones keep a gap between the centre and end squares).
+pixels of it; in multi-label classification both cost recall. The views are torchvision operations,
+with torchvision's sizes and rounding: the centre square and the two end squares of `Resize(S)`
+(`CenterCrop(S)` and the corners of the long side), and `FiveCrop(S)` of `Resize(round(S / ZOOM))`
+(the four corners and the centre, zoomed in). Averaging the unit embeddings of all views and
+renormalising gives one embedding per image, so scoring, thresholds and reports work unchanged.
+Together the views cover every pixel of images up to 3:1 (wider ones keep a gap between the centre
+and end squares).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vgclip.data.transforms import ImageTransform, PixelTransform, centre_square, pil_to_chw, resize_box, stack_images
+from vgclip.data.transforms import (
+    ImageTransform,
+    PixelTransform,
+    centre_crop_offset,
+    crop_square,
+    pil_to_chw,
+    resize_box,
+    resized_size,
+    stack_images,
+)
 from vgclip.errors import VgclipError
 
 ZOOM = 0.6  # side of the zoomed squares, as a fraction of the image's shorter side
 VIEWS = 8
 
 
-def crop_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """The (left, top, width, height) boxes of the views of a width x height image, centre crop first."""
-    left_f, top_f, right_f, bottom_f = centre_square((width, height))
-    boxes = [(round(left_f), round(top_f), round(right_f - left_f), round(bottom_f - top_f))]
-    side = min(width, height)
-    boxes += [(0, 0, side, side), (width - side, height - side, side, side)]
-    zoomed = max(1, round(ZOOM * side))
-    for fx, fy in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)):
-        boxes.append((round((width - zoomed) * fx), round((height - zoomed) * fy), zoomed, zoomed))
-    return boxes
+@dataclass(frozen=True)
+class View:
+    """One view: torchvision's `Resize(short_side)` of the image, then the S x S square at (left, top)."""
+
+    short_side: int
+    left: int
+    top: int
+
+
+def crop_views(width: int, height: int, size: int) -> list[View]:
+    """The VIEWS views of a width x height image at model input side `size`, centre crop first."""
+    near_w, near_h = resized_size(width, height, size)
+    views = [View(size, *centre_crop_offset(near_w, near_h, size)), View(size, 0, 0),
+             View(size, near_w - size, near_h - size)]
+    far = round(size / ZOOM)
+    far_w, far_h = resized_size(width, height, far)
+    corners = ((0, 0), (far_w - size, 0), (0, far_h - size), (far_w - size, far_h - size))  # FiveCrop's order
+    views += [View(far, left, top) for left, top in corners]
+    return views + [View(far, *centre_crop_offset(far_w, far_h, size))]
 
 
 class MultiCropTransform:
@@ -47,17 +67,22 @@ class MultiCropTransform:
             raise ValueError("multi-crop views are for evaluation; got a train transform")
         self.base = base
         self.image_size = base.image_size
-        # The zoomed squares are ZOOM of the shorter side: decode large enough not to upsample them.
-        self.draft_size = math.ceil(base.image_size / ZOOM)
+        self.draft_size = None  # full-size decode, as the centre transform (torchvision's pixels)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return self.normalize(self.pixels(image))
 
     def pixels(self, image: Image.Image | torch.Tensor, flip: bool | None = None) -> torch.Tensor:
-        """uint8 (VIEWS, 3, S, S), one view per `crop_boxes` box (evaluation never flips)."""
+        """uint8 (VIEWS, 3, S, S), one view per `crop_views` view (evaluation never flips)."""
         chw = image if isinstance(image, torch.Tensor) else pil_to_chw(image)
         height, width = chw.shape[-2:]
-        return stack_images([resize_box(chw, box, self.image_size) for box in crop_boxes(width, height)])
+        resized: dict[int, torch.Tensor] = {}  # two resizes serve the eight views
+        out = []
+        for view in crop_views(width, height, self.image_size):
+            if view.short_side not in resized:
+                resized[view.short_side] = resize_box(chw, None, resized_size(width, height, view.short_side))
+            out.append(crop_square(resized[view.short_side], view.left, view.top, self.image_size))
+        return stack_images(out)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """As `ImageTransform.normalize`, for any leading dimensions."""

@@ -23,7 +23,7 @@ class ServableTransform(Protocol):
     """What the server needs of a run's eval image transform (`vgclip.data.transforms.ImageTransform`)."""
 
     image_size: int  # side of the square model input
-    draft_size: int  # the transform needs at least this shorter side, so decoding may scale down to it
+    draft_size: int | None  # the transform needs at least this shorter side (None: decode at full size)
 
     def __call__(self, image: Any) -> torch.Tensor: ...
 
