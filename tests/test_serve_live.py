@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,10 +19,8 @@ from PIL import Image
 httpx = pytest.importorskip("httpx2", reason="httpx2 is not installed (pip install 'vgclip[dev]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'vgclip[serve]')")
 
-from _serve_fixtures import REAL_PHOTOS, make_report, make_run  # noqa: E402
-from _train_fixtures import free_port  # noqa: E402
+from _serve_fixtures import REAL_PHOTOS, live_server, make_report, make_run  # noqa: E402
 
-STARTUP_LIMIT_S = 180  # a loaded 2-core machine imports torch and transformers slowly
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Screenshots for people to look at: kept after the run (the folder is git-ignored).
 ARTEFACTS = Path(os.environ.get("VGCLIP_TEST_ARTEFACTS", Path(__file__).resolve().parents[1] / ".pytest_cache" / "serve"))
@@ -35,31 +32,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("live")
     run = make_run(root / "run")
     report, _ = make_report(run, root)
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(root / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vgclip.cli", "serve", "--checkpoint", str(run), "--report",
-                             str(report), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_LIMIT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {(root / 'serve.log').read_text(errors='replace')[-2000:]}")
-    yield base, report, proc
-    proc.send_signal(2)  # Ctrl-C: uvicorn shuts down cleanly
-    try:
-        code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    assert code == 0, (root / "serve.log").read_text(errors="replace")[-2000:]
+    with live_server(root, run, report) as live:
+        yield live.base, report, live.proc
 
 
 def _jpeg(seed: int) -> bytes:
@@ -122,6 +96,58 @@ def test_pages_in_a_real_browser(server) -> None:
             page.screenshot(path=str(ARTEFACTS / "docs.png"))
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_an_upload_over_the_limit_reads_as_413_whatever_the_client(server) -> None:
+    """urllib sends the whole body before it reads: it gets the 413 and its message, not a connection reset, and
+    the connection (http.client) then serves the next request."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    base, _, _ = server
+    body = b"\0" * (40 * 1024 * 1024)  # twice the default 20 MiB limit
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    request = urllib.request.Request(f"{base}/api/predict", data=body, headers=headers)
+    for _ in range(3):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 413
+        assert "too large" in json.loads(caught.value.read())["detail"]
+    connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=60)
+    try:
+        connection.request("POST", "/api/predict", body=body, headers=headers)
+        refused = connection.getresponse()
+        assert refused.status == 413 and "40.0 MiB" in json.loads(refused.read())["detail"]
+        connection.request("GET", "/api/health")  # the same connection: the refused body was read to its end
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.slow
+def test_tag_page_says_an_upload_is_too_large(server, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    base, _, _ = server
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\0" * (21 * 1024 * 1024))  # over the 20 MiB limit: refused before anything decodes it
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 700})
+            page.set_default_timeout(60_000)
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('labels').value.length > 0")
+            page.set_input_files("#files", [str(big)])
+            page.wait_for_function("document.getElementById('status').classList.contains('error')")
+            text = page.text_content("#status")
+            page.screenshot(path=str(ARTEFACTS / "tag-too-large.png"))
+        finally:
+            browser.close()
+    assert text.startswith("413: the upload is too large: 21.0 MiB"), text
 
 
 def _shown_set(page) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -21,7 +23,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--voc-root", type=Path, help="VOC folder of the report's images (default: the one it names)")
     p.add_argument("--save-thresholds", type=Path,
                    help="where 'Save thresholds' writes (default: REPORT/saved/thresholds.json)")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "any other address needs a token)")  # fmt: skip
+    p.add_argument("--token", help="the token browsers and API clients must present (default: $VGCLIP_SERVE_TOKEN, "
+                   "else a random one, printed in the URL, when --host is not a loopback address)")  # fmt: skip
+    p.add_argument("--no-token", action="store_true",
+                   help="serve beyond this machine with no token: anyone who can reach it can use it")  # fmt: skip
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MiB)")
@@ -33,15 +40,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the run once, then serve until Ctrl-C."""
     try:
-        from vgclip.serve.startup import ServeSetup, build_app, serve
+        from vgclip.serve.auth import TOKEN_ENV, choose_token
+        from vgclip.serve.startup import ServeSetup, build_app, open_lines, serve
     except ImportError as exc:
         from vgclip.errors import VgclipError
 
         raise VgclipError(f"serving needs FastAPI and uvicorn: pip install 'vgclip[serve]' ({exc})") from None
+    # Before the model loads: a contradictory or weak token should not cost a minute of loading first.
+    token, generated = choose_token(args.host, args.token, args.no_token, os.environ.get(TOKEN_ENV))
     setup = ServeSetup(args.checkpoint, args.report, args.thresholds, args.voc_root, args.save_thresholds,
-                       args.device, args.max_upload_mb, args.max_pixels, batch_wait_ms=args.batch_wait_ms)  # fmt: skip
+                       args.device, args.max_upload_mb, args.max_pixels, batch_wait_ms=args.batch_wait_ms,
+                       token=token)  # fmt: skip
     app = build_app(setup)
-    print(f"vgclip serve: open http://{args.host}:{args.port}/ (threshold page: /thresholds, API docs: /docs); "
-          "Ctrl-C stops", flush=True)  # fmt: skip
+    for line, warning in open_lines(args.host, args.port, token, generated, args.no_token):
+        print(line, file=sys.stderr if warning else sys.stdout, flush=True)
     serve(app, args.host, args.port)
     return 0

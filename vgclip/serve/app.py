@@ -17,14 +17,16 @@ from typing import Any
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from vgclip.data.images import BadImageError
 from vgclip.errors import VgclipError
+from vgclip.serve.auth import AccessGuard
 from vgclip.serve.engine import ImageTooLargeError, ScoringEngine, decode_upload, predicted_set
+from vgclip.serve.limits import DRAIN_FACTOR, BodyLimit
 from vgclip.serve.report import ReportData
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -47,6 +49,7 @@ class ServeOptions:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_images: int = 64
     max_pixels: int = 40_000_000
+    token: str | None = None  # when set, every route but /api/health needs it (vgclip.serve.auth)
     info: dict[str, Any] = field(default_factory=dict)  # shown by /api/health (checkpoint, device)
 
 
@@ -139,26 +142,6 @@ async def read_images(files: list[UploadFile], engine: ScoringEngine, options: S
     return tensors
 
 
-class BodyLimit:
-    """ASGI middleware: a POST must say its length (411 otherwise) and stay within the upload limit (413)."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            headers = dict(scope["headers"])
-            length = headers.get(b"content-length")
-            if length is None or not length.isdigit():
-                answer = JSONResponse({"detail": "a request body needs a Content-Length"}, 411)
-                return await answer(scope, receive, send)
-            if int(length) > self.max_bytes:
-                detail = f"upload of {int(length)} bytes is over the limit of {self.max_bytes} bytes"
-                return await JSONResponse({"detail": detail}, 413)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
 def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData | None = None) -> FastAPI:
     """The web app: pages at / and /thresholds, the JSON API under /api, OpenAPI docs at /docs."""
     from contextlib import asynccontextmanager
@@ -173,6 +156,8 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
                   description="Zero-shot multi-label tagging with a trained vgclip run, and threshold tuning on a "
                               "`vgclip zeroshot` report.")  # fmt: skip
     app.add_middleware(BodyLimit, max_bytes=options.max_upload_bytes)
+    # Added last, so outermost: a request without the token (or a write from another site) goes no further.
+    app.add_middleware(AccessGuard, token=options.token, drain_limit=DRAIN_FACTOR * options.max_upload_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     started = time.monotonic()
 

@@ -23,6 +23,7 @@ class ServeSetup:
     max_pixels: int = 40_000_000
     max_batch: int = 32
     batch_wait_ms: float = 5.0
+    token: str | None = None  # required by every route but /api/health when set (see vgclip.serve.auth)
 
 
 def default_options(setup: ServeSetup) -> Any:
@@ -47,7 +48,7 @@ def default_options(setup: ServeSetup) -> Any:
         raise VgclipError("--max-upload-mb and --max-pixels must be positive")
     return ServeOptions(labels, chosen["score"], chosen["templates"], limits, chosen["texts"], source, chosen["crops"],
                         max_upload_bytes=int(setup.max_upload_mb * 1024 * 1024), max_pixels=setup.max_pixels,
-                        info={"checkpoint": str(setup.checkpoint)})  # fmt: skip
+                        token=setup.token, info={"checkpoint": str(setup.checkpoint)})  # fmt: skip
 
 
 def build_app(setup: ServeSetup) -> Any:
@@ -70,6 +71,32 @@ def build_app(setup: ServeSetup) -> Any:
                            max_wait_s=setup.batch_wait_ms / 1000)  # fmt: skip
     options.info["device"] = str(engine.device)
     return create_app(engine, options, report)
+
+
+def open_lines(host: str, port: int, token: str | None, generated: bool, no_token: bool) -> list[tuple[str, bool]]:
+    """What `vgclip serve` prints once the model is loaded, as (line, is_warning): where to open it, with the
+    token when one was generated (a given one is not echoed into logs), or a warning when it is open to others."""
+    import socket
+
+    from vgclip.serve.auth import TOKEN_ENV, is_loopback
+
+    # A wildcard address is no URL to open: name this machine instead.
+    shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
+    pages = "threshold page: /thresholds, API docs: /docs"
+    if token is not None and generated:
+        url = f"{base}?token={token}"
+        return [(f"vgclip serve: open {url} (the token sets a cookie; {pages}; API clients send Authorization: "
+                 "Bearer TOKEN); Ctrl-C stops", False)]  # fmt: skip
+    if token is not None:
+        return [(f"vgclip serve: open {base}?token=TOKEN once, with the token of --token / ${TOKEN_ENV} ({pages}; "
+                 "API clients send Authorization: Bearer TOKEN); Ctrl-C stops", False)]  # fmt: skip
+    lines = [(f"vgclip serve: open {base} ({pages}); Ctrl-C stops", False)]
+    if no_token and not is_loopback(host):
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines.append((f"vgclip serve: warning: --no-token: anyone who can reach {where} can tag images and "
+                      "save thresholds here, with no token asked", True))  # fmt: skip
+    return lines
 
 
 def serve(app: Any, host: str, port: int) -> None:

@@ -4,7 +4,14 @@
 const vg = {
   /** fetch JSON; a non-2xx answer throws an Error carrying the server's one-line `detail`. */
   async json(url, options) {
-    const response = await fetch(url, options);
+    let response;
+    try {
+      response = await fetch(url, options);
+    } catch (e) {
+      // fetch rejects with a bare "Failed to fetch" when no answer came back: say what that usually means here.
+      const big = options && options.body instanceof FormData ? " (or the upload was far over its size limit)" : "";
+      throw new Error(`no answer from the server: is it still running${big}? (${e.message})`);
+    }
     let body = null;
     try { body = await response.json(); } catch (e) { body = null; }
     if (!response.ok) {
