@@ -144,7 +144,7 @@ def test_real_photos_embed_alike_in_vgclip_and_open_clip(bench, real_voc2007):
 def test_clip_benchmark_agrees_with_vgclip_zeroshot_on_real_photos(bench, real_voc2007, monkeypatch, capsys):
     cb_map = _run_clip_benchmark(bench, monkeypatch, real_voc2007.name)
     report = _vgclip_protocol_report(bench, capsys, real_voc2007.name)
-    assert report["evaluated_images"] == 100 and report["unreadable_images"] == 0
+    assert report["data"]["evaluated_images"] == 100 and report["data"]["unreadable_images"] == 0
     ours = protocol_map(report, bench["protocol"].classes)
     assert abs(cb_map - ours) <= 0.002, (cb_map, ours)
 
