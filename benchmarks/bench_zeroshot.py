@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 import vgclip  # noqa: E402
 from vgclip.data.voc import STANDARD_CLASSES  # noqa: E402
 from vgclip.eval.prompts import SINGLE_TEMPLATE, build_text_classifier, readable_name  # noqa: E402
-from vgclip.eval.zeroshot import encode_images, logit_scale_of, score_embeddings  # noqa: E402
+from vgclip.eval.scoring import encode_images, logit_scale_of, score_embeddings  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/voc2012-sample/VOCdevkit/VOC2012/JPEGImages"
 

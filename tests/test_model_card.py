@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from vgclip.cli import main
 from vgclip.config import config_to_dict, load_config
 from vgclip.export.model_card import write_run_card
 from vgclip.export.run_facts import RUN_INFO_FILE, nearest_preset, record_training
+from vgclip.summary import TrainSummary
 from vgclip.synthetic.writers import write_synthetic_voc
 from vgclip.train.loop import train
 
@@ -120,9 +122,9 @@ def test_card_from_a_run_folder_without_training(tmp_path):
 
 
 def test_training_time_adds_up_over_resumed_sessions(tmp_path):
-    first = {"seconds": 100.0, "steps": 10, "steps_this_session": 10, "data": str(tmp_path / "nowhere")}
+    first = TrainSummary(seconds=100.0, steps=10, steps_this_session=10, data=str(tmp_path / "nowhere"))
     assert record_training(tmp_path, first, world_size=2, device="cpu")["train_seconds"] == 100.0
-    resumed = dict(first, seconds=50.0, steps=15, steps_this_session=5)
+    resumed = dataclasses.replace(first, seconds=50.0, steps=15, steps_this_session=5)
     info = record_training(tmp_path, resumed, world_size=2, device="cpu")
     assert info["train_seconds"] == 150.0 and info["sessions"] == 2 and info["processes"] == 2
     fresh = record_training(tmp_path, first, world_size=1, device="cpu")  # a new run in the same folder

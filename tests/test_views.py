@@ -133,8 +133,8 @@ def test_multi_crop_zeroshot_records_crops_and_predict_follows_the_thresholds(ti
     from vgclip.eval.predict import predict_settings
 
     settings = predict_settings(tiny_run, thresholds["classes"], thresholds_file=out / "thresholds.json")
-    assert settings["crops"] == "multi"
-    assert predict_settings(tiny_run, thresholds["classes"])["crops"] == "centre"  # the run's own eval config
+    assert settings.crops == "multi"
+    assert predict_settings(tiny_run, thresholds["classes"]).crops == "centre"  # the run's own eval config
 
 
 def test_predict_and_serve_score_with_the_crops_of_the_thresholds(tiny_run, multi_report, tmp_path, capsys):
@@ -165,7 +165,7 @@ def test_predict_and_serve_score_with_the_crops_of_the_thresholds(tiny_run, mult
 @pytest.mark.parametrize("crops", ["centre", "multi"])
 def test_encode_images_asks_for_unit_embeddings(tmp_path, crops):
     """open_clip models return unnormalised features unless asked: encode_images must ask, with or without views."""
-    from vgclip.eval.zeroshot import encode_images
+    from vgclip.eval.scoring import encode_images
 
     class OpenClipLike(torch.nn.Module):
         def encode_image(self, images, normalize: bool = False):

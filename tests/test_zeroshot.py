@@ -19,8 +19,11 @@ from vgclip.config import EvalConfig
 from vgclip.data.transforms import build_image_transform
 from vgclip.errors import VgclipError
 from vgclip.eval.prompts import ENSEMBLE_TEMPLATES, build_text_classifier, load_name_overrides, readable_name
+from vgclip.eval.job import run_zeroshot
+from vgclip.eval.records import ZeroshotReport
 from vgclip.eval.report import summary_table
-from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot, score_embeddings
+from vgclip.eval.scoring import score_embeddings
+from vgclip.eval.zeroshot import ZeroshotOptions
 
 
 class FakeTokenizer:
@@ -73,7 +76,7 @@ def synth_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _run(voc: Path, out: Path | None, **opts) -> dict:
+def _run(voc: Path, out: Path | None, **opts) -> ZeroshotReport:
     cfg = EvalConfig(**opts.pop("cfg", {}))
     return run_zeroshot(FakeClip(), build_image_transform(32, (0.5,) * 3, (0.5,) * 3), FakeTokenizer(), voc,
                         "test", cfg, out, ZeroshotOptions(num_workers=opts.pop("workers", 0), **opts))  # fmt: skip
@@ -92,18 +95,18 @@ def test_report_files_and_metrics_agree_with_sklearn(synth_voc: Path, tmp_path: 
     for name in ("report.json", "report.md", "scores.csv", "thresholds.json", "threshold_curve.png",
                  "pr_curves.png", "roc_curves.png", "ap_per_class.png"):  # fmt: skip
         assert (tmp_path / "rep" / name).stat().st_size > 0, name
-    assert json.loads((tmp_path / "rep" / "report.json").read_text())["mAP"] == pytest.approx(report["mAP"])
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["mAP"] == pytest.approx(report.mAP)
     ids, classes, scores, labels = _read_scores(tmp_path / "rep" / "scores.csv")
     test_ids = (synth_voc / "VOCdevkit/VOC2007/ImageSets/Main/test.txt").read_text().split()
-    assert ids == test_ids and classes == report["settings"]["classes"]
+    assert ids == test_ids and classes == report.settings.classes
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-4)  # softmax over classes
     aps = []
     for c, name in enumerate(classes):
         keep = ~np.isnan(labels[:, c])
         if labels[keep, c].sum():
             aps.append(average_precision_score(labels[keep, c], scores[keep, c]))
-            assert report["AP"][name] == pytest.approx(aps[-1], abs=1e-4)
-    assert report["mAP"] == pytest.approx(np.mean(aps), abs=1e-4)
+            assert report.AP[name] == pytest.approx(aps[-1], abs=1e-4)
+    assert report.mAP == pytest.approx(np.mean(aps), abs=1e-4)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "official VOC" in md and "chance" in md and "split `trainval`" in md
     assert "mAP" in summary_table(report)
@@ -111,7 +114,7 @@ def test_report_files_and_metrics_agree_with_sklearn(synth_voc: Path, tmp_path: 
 
 def test_thresholds_tuned_on_trainval_are_applied_to_test(synth_voc: Path, tmp_path: Path) -> None:
     report = _run(synth_voc, tmp_path / "rep", objective="sensitivity:0.9", threshold_mode="per_class", plots=False)
-    tuning = report["tuning"]
+    tuning = report.tuning.to_dict()
     saved = json.loads((tmp_path / "rep" / "thresholds.json").read_text())
     assert saved["tuned_on"]["split"] == "trainval" and not saved["tuned_on"]["is_eval_split"]
     assert saved["score"] == "softmax" and saved["per_class"] == tuning["thresholds"]["per_class"]
@@ -131,9 +134,9 @@ def test_tuning_on_eval_split_needs_flag(synth_voc: Path) -> None:
     with pytest.raises(VgclipError, match="--tune-on-eval"):
         _run(synth_voc, None, tune_split="test")
     report = _run(synth_voc, None, tune_on_eval=True, threshold_mode="global", objective="youden", plots=False)
-    assert report["tuning"]["on_eval_split"] and "evaluation split itself" in report["tuning"]["note"]
-    assert report["tuning"]["tune_split"]["micro"] == report["tuning"]["eval_split"]["micro"]
-    assert _run(synth_voc, None, tune_split="none")["tuning"]["tuned"] is False
+    assert report.tuning.on_eval_split and "evaluation split itself" in report.tuning.note
+    assert report.tuning.tune_split["micro"] == report.tuning.eval_split["micro"]
+    assert _run(synth_voc, None, tune_split="none").tuning.tuned is False
 
 
 def test_unreadable_image_is_counted_not_silent(synth_voc: Path, tmp_path: Path) -> None:
@@ -144,8 +147,8 @@ def test_unreadable_image_is_counted_not_silent(synth_voc: Path, tmp_path: Path)
     (root / "JPEGImages" / f"{victim}.jpg").write_bytes(b"\xff\xd8 truncated")
     report = _run(voc, tmp_path / "rep", tune_split="none", plots=False)
     n_test = len((root / "ImageSets/Main/test.txt").read_text().split())
-    assert report["data"]["unreadable_images"] == 1 and report["data"]["evaluated_images"] == n_test - 1
-    assert report["data"]["skipped"][0]["image_id"] == victim
+    assert report.data.unreadable_images == 1 and report.data.evaluated_images == n_test - 1
+    assert report.data.skipped[0]["image_id"] == victim
     ids, *_ = _read_scores(tmp_path / "rep" / "scores.csv")
     assert victim not in ids and len(ids) == n_test - 1
     assert victim in (tmp_path / "rep" / "report.md").read_text()
@@ -216,12 +219,12 @@ SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-samp
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real VOC2012 sample absent ({SAMPLE})")
 def test_real_sample_without_imagesets(tmp_path: Path) -> None:
     report = _run(SAMPLE, tmp_path / "rep", plots=False, cfg={"difficult": "positive", "templates": "ensemble"})
-    assert report["data"]["evaluated_images"] == 100 and report["data"]["skipped_images"] == 0
-    assert any("no ImageSets" in n for n in report["data"]["notices"])
-    assert report["tuning"]["tuned"] is False and not (tmp_path / "rep" / "thresholds.json").exists()
-    assert report["data"]["ignored_entries"] == 0  # difficult=positive: nothing left out
+    assert report.data.evaluated_images == 100 and report.data.skipped_images == 0
+    assert any("no ImageSets" in n for n in report.data.notices)
+    assert report.tuning.tuned is False and not (tmp_path / "rep" / "thresholds.json").exists()
+    assert report.data.ignored_entries == 0  # difficult=positive: nothing left out
     assert "CLIP_benchmark" in (tmp_path / "rep" / "report.md").read_text()
-    assert len(report["AP"]) == 20 and report["chance"]["person"] == pytest.approx(report["counts"]["person"]["positives"] / 100)
+    assert len(report.AP) == 20 and report.chance["person"] == pytest.approx(report.counts["person"]["positives"] / 100)
 
 
 def test_rerun_without_tuning_removes_stale_thresholds(synth_voc: Path, tmp_path: Path) -> None:
@@ -229,5 +232,5 @@ def test_rerun_without_tuning_removes_stale_thresholds(synth_voc: Path, tmp_path
     _run(synth_voc, tmp_path / "rep", plots=False)
     assert (tmp_path / "rep" / "thresholds.json").is_file()
     report = _run(synth_voc, tmp_path / "rep", plots=False, tune_split=None)
-    assert not report["tuning"].get("tuned")
+    assert not report.tuning.tuned
     assert not (tmp_path / "rep" / "thresholds.json").exists()

@@ -45,16 +45,16 @@ def run(args: argparse.Namespace) -> int:
     settings = predict_settings(args.checkpoint, labels, thresholds_file=args.thresholds, threshold=args.threshold,
                                 score=args.score, templates=args.templates)
     model, image_transform, tokenizer = vgclip.load_checkpoint(args.checkpoint)
-    results = predict(model, image_transform, tokenizer, args.images, labels, score=settings["score"],
-                      templates=settings["templates"], thresholds=settings["thresholds"],
-                      class_texts=settings["texts"], device=args.device, crops=settings["crops"])  # fmt: skip
+    results = predict(model, image_transform, tokenizer, args.images, labels, score=settings.score,
+                      templates=settings.templates, thresholds=settings.thresholds,
+                      class_texts=settings.texts, device=args.device, crops=settings.crops)  # fmt: skip
     if args.json:
-        thresholds = dict(zip(labels, settings["thresholds"])) if settings["thresholds"] else None
-        print(json.dumps({"score": settings["score"], "templates": settings["templates"], "crops": settings["crops"],
+        thresholds = dict(zip(labels, settings.thresholds)) if settings.thresholds else None
+        print(json.dumps({"score": settings.score, "templates": settings.templates, "crops": settings.crops,
                           "thresholds": thresholds, "results": results}, indent=2))  # fmt: skip
     else:
-        rule = "score >= threshold" if settings["thresholds"] else "top-scoring label (no threshold given)"
-        print(f"score: {settings['score']}, templates: {settings['templates']}, crops: {settings['crops']}, "
+        rule = "score >= threshold" if settings.thresholds else "top-scoring label (no threshold given)"
+        print(f"score: {settings.score}, templates: {settings.templates}, crops: {settings.crops}, "
               f"predicted: {rule}")
         print(format_table(results, labels))
     return 0

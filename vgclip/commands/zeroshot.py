@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,9 +49,11 @@ def run(args: argparse.Namespace) -> int:
     """Load the run, evaluate, write the report folder and print the summary table."""
     import vgclip
     from vgclip.errors import VgclipError
+    from vgclip.eval.job import run_zeroshot
     from vgclip.eval.prompts import load_name_overrides
     from vgclip.eval.report import summary_table
-    from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
+    from vgclip.eval.zeroshot import ZeroshotOptions
+    from vgclip.export.model_card import refresh_after_zeroshot
     from vgclip.model.checkpoint import checkpoint_eval_config
 
     overrides = list(args.overrides)
@@ -79,8 +80,6 @@ def run(args: argparse.Namespace) -> int:
                           options, device=args.device)  # fmt: skip
     print(summary_table(report))
     print(f"report: {args.out / 'report.md'}")
-    from vgclip.export.model_card import refresh_after_zeroshot
-
     card = refresh_after_zeroshot(args.checkpoint, args.out)
     if card is not None:
         print(f"model card: {card}")

@@ -5,11 +5,33 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from vgclip.errors import VgclipError
+from vgclip.eval.prompts import build_text_classifier, readable_name, templates_for
+from vgclip.eval.scoring import encode_images, logit_scale_of, score_embeddings
+from vgclip.eval.thresholds import load_thresholds, threshold_vector
+from vgclip.model.checkpoint import checkpoint_eval_config
 from vgclip.names import read_name_file, split_comma_list
+
+__all__ = ["PredictSettings", "format_table", "predict", "predict_settings", "read_labels"]
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How `vgclip predict` and `vgclip serve` score a label set: the score kind, prompt templates, crops,
+    a threshold per label (None: predict the top label) and class texts (None: the labels themselves)."""
+
+    score: str
+    templates: str
+    crops: str
+    thresholds: list[float] | None = None
+    texts: dict[str, str] | None = None
 
 
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
@@ -37,12 +59,6 @@ def predict(
     crops: str = "centre",
 ) -> list[dict[str, Any]]:
     """Per image: the score of every label and the predicted labels (score >= threshold, else the top one)."""
-    import numpy as np
-    import torch
-
-    from vgclip.eval.prompts import build_text_classifier, readable_name, templates_for
-    from vgclip.eval.zeroshot import encode_images, logit_scale_of, score_embeddings
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
     texts = [readable_name(label, class_texts) for label in labels]
@@ -69,35 +85,30 @@ def predict(
 
 def predict_settings(checkpoint: str | Path, labels: Sequence[str], *, thresholds_file: Path | None = None,
                      threshold: float | None = None, score: str | None = None,
-                     templates: str | None = None) -> dict[str, Any]:
+                     templates: str | None = None) -> PredictSettings:
     """Score kind, templates, crops, per-label thresholds and class texts: explicit choices first, then the
     thresholds file, then the run's config. A choice that contradicts the thresholds file is an error."""
-    from vgclip.model.checkpoint import checkpoint_eval_config
-    from vgclip.eval.thresholds import load_thresholds, threshold_vector
-
     eval_cfg = checkpoint_eval_config(checkpoint, [])
-    out: dict[str, Any] = {"score": eval_cfg.score, "templates": eval_cfg.templates, "crops": eval_cfg.crops,
-                           "thresholds": None, "texts": None}
-    chosen = {"score": score, "templates": templates}
+    kind, prompts, crops = eval_cfg.score, eval_cfg.templates, eval_cfg.crops
+    limits: list[float] | None = None
+    texts: dict[str, str] | None = None
     if thresholds_file is not None:
         info = load_thresholds(thresholds_file)
-        for key in ("score", "templates"):
-            flag, saved = chosen[key], info.get(key)
+        for key, flag in (("score", score), ("templates", templates)):
+            saved = info.get(key)
             if flag and saved and flag != saved:
                 raise VgclipError(f"{thresholds_file} was tuned with {key}={saved}; --{key} {flag} would not match it")
-            out[key] = saved or out[key]
+        kind, prompts = info.get("score") or kind, info.get("templates") or prompts
         # The scores the thresholds were tuned on came from these crops (files from before eval.crops: centre).
-        out["crops"] = info.get("crops", "centre")
-        out["thresholds"] = threshold_vector(info, labels).tolist()
-        out["texts"] = info.get("class_texts")
-        if out["score"] == "softmax" and set(labels) != set(info.get("classes", labels)):
+        crops = info.get("crops", "centre")
+        limits = threshold_vector(info, labels).tolist()
+        texts = info.get("class_texts")
+        if kind == "softmax" and set(labels) != set(info.get("classes", labels)):
             print("vgclip predict: warning: softmax scores depend on the label set, which differs from the one the "
                   "thresholds were tuned on", file=sys.stderr)  # fmt: skip
     elif threshold is not None:
-        out["thresholds"] = [threshold] * len(labels)
-    out["score"] = score or out["score"]
-    out["templates"] = templates or out["templates"]
-    return out
+        limits = [threshold] * len(labels)
+    return PredictSettings(score or kind, templates or prompts, crops, limits, texts)
 
 
 def format_table(results: list[dict[str, Any]], labels: Sequence[str]) -> str:

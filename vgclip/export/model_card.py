@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from vgclip.export.run_facts import RunFacts, gather_run_facts, record_training, remember_report
 from vgclip.io import atomic_write_text
+from vgclip.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from vgclip.summary import TrainSummary
+
+__all__ = ["card_data", "final_model_run", "finish_run_card", "refresh_after_zeroshot", "write_export_card",
+           "write_run_card"]
 
 CARD_FILE = "README.md"
 # Hub dataset ids of the caption sources `vgclip prepare` reads (manifest inputs.source).
@@ -23,10 +29,8 @@ HUB_DATASETS = {"vg": "ranjaykrishna/visual_genome", "coco": "detection-datasets
 TAGS = ["clip", "vgclip", "zero-shot-image-classification", "visual-genome"]
 
 
-def card_data(facts: RunFacts | None, name: str, library: str):
+def card_data(facts: RunFacts | None, name: str, library: str) -> ModelCardData:
     """The front matter: library, tags, datasets, metrics, and the zero-shot result as a model-index."""
-    from huggingface_hub import EvalResult, ModelCardData
-
     source = (facts.data or {}).get("source") if facts else None
     metrics = (["recall"] if facts and facts.val else []) + (["mAP"] if facts and facts.zeroshot else [])
     results = []
@@ -131,9 +135,7 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
             "</details>", ""]  # fmt: skip
 
 
-def _write(folder: Path, data, title: str, body: list[str]) -> Path:
-    from huggingface_hub import ModelCard
-
+def _write(folder: Path, data: ModelCardData, title: str, body: list[str]) -> Path:
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n" + "\n".join(body))
     path = folder / CARD_FILE
     atomic_write_text(path, str(card))
@@ -179,7 +181,7 @@ def write_export_card(folder: Path, out_dir: Path, run_dir: Path | None, hub_id:
     return _write(folder, card_data(facts, name, "open_clip"), name, body)
 
 
-def finish_run_card(run_dir: str | Path, summary: dict[str, Any], *, world_size: int, device: str) -> Path:
+def finish_run_card(run_dir: str | Path, summary: TrainSummary, *, world_size: int, device: str) -> Path:
     """At the end of training: record time, hardware and data in RUN/run_info.json, then write RUN/README.md."""
     record_training(Path(run_dir), summary, world_size=world_size, device=device)
     return write_run_card(run_dir)
@@ -188,8 +190,6 @@ def finish_run_card(run_dir: str | Path, summary: dict[str, Any], *, world_size:
 def final_model_run(checkpoint: str | Path) -> Path | None:
     """The run folder when `checkpoint` is a run's final model (the folder or its model.safetensors), else
     None: a step checkpoint or an export folder is not the model the run's card describes."""
-    from vgclip.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent
     if (path.is_file() and path.name != WEIGHTS_FILE) or not (run_dir / CONFIG_FILE).is_file():

@@ -17,7 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import timm
+import torch
+import transformers
+import yaml
+
+from vgclip.config import config_to_dict, load_config
+from vgclip.eval.records import ZeroshotReport
 from vgclip.io import atomic_write_text
+from vgclip.summary import TrainSummary
+
+__all__ = ["RunFacts", "data_summary", "gather_run_facts", "hardware", "last_validation", "nearest_preset",
+           "read_json", "record_training", "remember_report", "zeroshot_summary"]
 
 RUN_INFO_FILE = "run_info.json"
 METRICS_FILE = "metrics.csv"
@@ -50,8 +61,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def hardware(device: str) -> str:
     """A short description of the device a process trained on."""
-    import torch
-
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev)
@@ -67,22 +76,18 @@ def hardware(device: str) -> str:
     return f"CPU: {name}, {threads} threads"
 
 
-def record_training(run_dir: Path, summary: dict[str, Any], *, world_size: int, device: str) -> dict[str, Any]:
+def record_training(run_dir: Path, summary: TrainSummary, *, world_size: int, device: str) -> dict[str, Any]:
     """Write RUN/run_info.json from train()'s summary; training time adds up over resumed sessions."""
-    import timm
-    import torch
-    import transformers
-
     previous = read_json(run_dir / RUN_INFO_FILE) or {}
-    resumed = summary.get("steps_this_session", 0) < summary.get("steps", 0)
-    seconds = float(summary.get("seconds", 0.0)) + (float(previous.get("train_seconds", 0.0)) if resumed else 0.0)
+    resumed = summary.resumed
+    seconds = float(summary.seconds) + (float(previous.get("train_seconds", 0.0)) if resumed else 0.0)
     info = {
         "train_seconds": seconds,
         "sessions": int(previous.get("sessions", 0)) + 1 if resumed else 1,
-        "steps": summary.get("steps"), "epochs": summary.get("epochs"),
-        "samples_seen": summary.get("samples_seen"), "train_samples": summary.get("train_samples"),
-        "final_train_loss": summary.get("final_train_loss"), "best_val_loss": summary.get("best_val_loss"),
-        "data": summary.get("data"), "val_data": summary.get("val_data"),
+        "steps": summary.steps, "epochs": summary.epochs,
+        "samples_seen": summary.samples_seen, "train_samples": summary.train_samples,
+        "final_train_loss": summary.final_train_loss, "best_val_loss": summary.best_val_loss,
+        "data": summary.data, "val_data": summary.val_data,
         "hardware": hardware(device), "processes": world_size,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
@@ -102,8 +107,6 @@ def remember_report(run_dir: Path, report_dir: Path) -> None:
 
 def nearest_preset(config: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
     """The built-in preset `config` differs least from, and the settings (`key: preset -> run`) that differ."""
-    from vgclip.config import config_to_dict, load_config
-
     flat = _flatten(config)
     best: tuple[str | None, tuple[str, ...]] = (None, ())
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
@@ -181,23 +184,25 @@ def zeroshot_summary(run_dir: Path, report_dir: Path | None = None) -> dict[str,
     if not fresh:
         return None
     path = max(fresh, key=lambda p: p.stat().st_mtime)
-    report = read_json(path)
-    if report is None or not isinstance(report.get("mAP"), (int, float)):
+    raw = read_json(path)
+    if raw is None or not isinstance(raw.get("mAP"), (int, float)):
         return None
-    settings = report.get("settings") or {}
+    try:
+        report = ZeroshotReport.from_dict(raw)
+    except (TypeError, ValueError):  # a section that is no JSON object: not a report this card can quote
+        return None
+    s = report.settings
     return {
-        "report": str(path.parent), "mAP": float(report["mAP"]), "chance": report.get("chance_mean"),
-        "mAP_voc07_11pt": report.get("mAP_voc07_11pt"), "voc_root": settings.get("voc_root"),
-        "split": settings.get("split"), "images": (report.get("data") or {}).get("evaluated_images"),
-        "classes": len(settings.get("classes") or []), "score": settings.get("score"),
-        "templates": settings.get("templates"), "difficult": settings.get("difficult"),
+        "report": str(path.parent), "mAP": float(raw["mAP"]), "chance": report.chance_mean,
+        "mAP_voc07_11pt": report.mAP_voc07_11pt, "voc_root": s.voc_root,
+        "split": s.split, "images": report.data.evaluated_images,
+        "classes": len(s.classes or []), "score": s.score,
+        "templates": s.templates, "difficult": s.difficult,
     }
 
 
 def gather_run_facts(run_dir: str | Path, report_dir: Path | None = None) -> RunFacts:
     """Everything a card says about the run at `run_dir` (a complete run folder)."""
-    import yaml
-
     run_dir = Path(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     preset, diffs = nearest_preset(config)

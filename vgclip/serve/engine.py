@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,8 +17,16 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
+from vgclip.data.decoding import decode_image
 from vgclip.data.images import ALLOWED_FORMATS, BadImageError
+from vgclip.data.views import encode_views, unit_image_encoder
+from vgclip.eval.prompts import build_text_classifier, templates_for
+from vgclip.eval.scoring import logit_scale_of, score_embeddings
+
+__all__ = ["ImageTooLargeError", "MicroBatcher", "ScoringEngine", "ServableTransform", "check_upload",
+           "decode_upload", "predicted_set"]
 
 
 class ServableTransform(Protocol):
@@ -34,11 +44,6 @@ class ImageTooLargeError(BadImageError):
 
 def check_upload(name: str, data: bytes, max_pixels: int) -> None:
     """Refuse an upload from its header alone: an allowed image format within `max_pixels` (no pixels decoded)."""
-    import io
-    import warnings
-
-    from PIL import Image
-
     if not data:
         raise BadImageError(name, "empty_file")
     try:
@@ -56,8 +61,6 @@ def check_upload(name: str, data: bytes, max_pixels: int) -> None:
 
 def decode_upload(name: str, data: bytes, transform: ServableTransform, max_pixels: int) -> torch.Tensor:
     """Upload bytes -> transformed image tensor, decoded as `vgclip predict` decodes files."""
-    from vgclip.data.decoding import decode_image
-
     check_upload(name, data, max_pixels)
     pixels = decode_image(name, data, draft_size=transform.draft_size, tensor_ok=False)
     return transform(pixels)
@@ -144,8 +147,6 @@ class ScoringEngine:
     def __init__(self, model: torch.nn.Module, transform: ServableTransform, tokenizer: Callable, *,
                  device: str | None = None, max_batch: int = 32, max_wait_s: float = 0.005,
                  text_cache_size: int = 64) -> None:  # fmt: skip
-        from vgclip.eval.zeroshot import logit_scale_of
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.transform = transform
@@ -164,15 +165,11 @@ class ScoringEngine:
     @torch.inference_mode()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """Unit embeddings of [k, 3, S, S] images, or of [k, V, 3, S, S] multi-crop views (averaged per image)."""
-        from vgclip.data.views import encode_views, unit_image_encoder
-
         emb = encode_views(unit_image_encoder(self.model), images.to(self.device))
         return emb.float().cpu()
 
     @torch.inference_mode()
     def _classifier(self, texts: tuple[str, ...], templates: str) -> torch.Tensor:
-        from vgclip.eval.prompts import build_text_classifier, templates_for
-
         return build_text_classifier(self.model, self.tokenizer, list(texts), templates_for(templates),
                                      self.device).cpu()  # fmt: skip
 
@@ -192,8 +189,6 @@ class ScoringEngine:
 
     async def score(self, images: torch.Tensor, texts: Sequence[str], score: str, templates: str) -> np.ndarray:
         """Scores [k, C] of transformed images against label texts (softmax / sigmoid / cosine)."""
-        from vgclip.eval.zeroshot import score_embeddings
-
         class_emb, emb = await asyncio.gather(self.class_embeddings(texts, templates),
                                               self.batcher.encode_images(images))  # fmt: skip
         scores, _ = score_embeddings(emb, class_emb, score, self.logit_scale, self.logit_bias)

@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from vgclip.data.images import open_image_checked
+from vgclip.data.voc import IMAGE_SUFFIXES, find_voc_root
 from vgclip.errors import VgclipError
+from vgclip.eval.metrics import sweep
+from vgclip.eval.records import ReportSettings, ZeroshotReport
+from vgclip.eval.thresholds import FORMAT_VERSION, MODES, load_thresholds, save_thresholds, tune_thresholds
+
+__all__ = ["ReportData", "curve", "index_images", "load_report", "page_data", "read_report_json", "read_scores_csv", "save",
+           "thresholds_to_save", "thumbnail_jpeg", "tune_on_report"]
 
 THUMBNAIL_SIDE = 256
 CURVE_POINTS = 201
@@ -24,7 +32,7 @@ class ReportData:
     """A zero-shot report as the page shows it: scores [N, C], labels [N, C], valid [N, C] of the evaluated split."""
 
     folder: Path
-    report: dict[str, Any]
+    report: ZeroshotReport
     image_ids: list[str]
     classes: list[str]
     scores: np.ndarray
@@ -36,8 +44,8 @@ class ReportData:
     gallery_note: str = ""
 
     @property
-    def settings(self) -> dict[str, Any]:
-        return self.report["settings"]
+    def settings(self) -> ReportSettings:
+        return self.report.settings
 
 
 def read_scores_csv(path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -67,30 +75,35 @@ def read_scores_csv(path: Path) -> tuple[list[str], list[str], np.ndarray, np.nd
     return ids, classes, scores, labels, valid
 
 
+def read_report_json(path: Path) -> ZeroshotReport:
+    """report.json parsed once into the record; a file that is no zero-shot report is a one-line error."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VgclipError(f"{path}: cannot read a zero-shot report ({exc})") from None
+    if not isinstance(raw, dict) or "settings" not in raw:
+        raise VgclipError(f"{path}: not a vgclip zero-shot report (no settings)")
+    try:
+        return ZeroshotReport.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise VgclipError(f"{path}: not a vgclip zero-shot report ({exc})") from None
+
+
 def load_report(folder: str | Path, *, save_path: str | Path | None = None,
                 voc_root: str | Path | None = None) -> ReportData:  # fmt: skip
     """Read a `vgclip zeroshot` output folder; the gallery maps its image ids to files in the VOC JPEGImages folder."""
-    from vgclip.eval.thresholds import load_thresholds
-
     folder = Path(folder)
-    try:
-        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VgclipError(f"{folder / 'report.json'}: cannot read a zero-shot report ({exc})") from None
-    if not isinstance(report, dict) or "settings" not in report:
-        raise VgclipError(f"{folder / 'report.json'}: not a vgclip zero-shot report (no settings)")
+    report = read_report_json(folder / "report.json")
     ids, classes, scores, labels, valid = read_scores_csv(folder / "scores.csv")
     tuned = load_thresholds(folder / "thresholds.json") if (folder / "thresholds.json").is_file() else None
     target = Path(save_path) if save_path else folder / "saved" / "thresholds.json"
     data = ReportData(folder, report, ids, classes, scores, labels, valid, tuned, target)
-    data.images, data.gallery_note = index_images(ids, voc_root or report["settings"].get("voc_root"))
+    data.images, data.gallery_note = index_images(ids, voc_root or report.settings.voc_root)
     return data
 
 
 def index_images(ids: Sequence[str], voc_root: str | Path | None) -> tuple[dict[str, Path], str]:
     """Image id -> file in the VOC folder's JPEGImages, for the ids of the report only (nothing else is served)."""
-    from vgclip.data.voc import IMAGE_SUFFIXES, find_voc_root
-
     if not voc_root:
         return {}, "the report names no VOC folder (start with --voc-root)"
     try:
@@ -109,8 +122,6 @@ def index_images(ids: Sequence[str], voc_root: str | Path | None) -> tuple[dict[
 
 def thumbnail_jpeg(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
     """A JPEG no larger than `side` on its longer edge (safe opening: pixel limit, allowed formats)."""
-    from vgclip.data.images import open_image_checked
-
     img = open_image_checked(path, draft_size=(side, side))
     img.thumbnail((side, side))
     buf = io.BytesIO()
@@ -120,10 +131,8 @@ def thumbnail_jpeg(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
 
 def curve(data: ReportData) -> dict[str, list[float | None]]:
     """Micro and macro rates against a global threshold over the range of the report's scores."""
-    from vgclip.eval.metrics import sweep
-
     lo, hi = float(data.scores.min()), float(data.scores.max())
-    if data.settings.get("score") in ("softmax", "sigmoid"):
+    if data.settings.score in ("softmax", "sigmoid"):
         lo, hi = 0.0, max(hi, 1e-6)
     out = sweep(data.scores, data.labels, data.valid, np.linspace(lo, hi, CURVE_POINTS))
     return {k: [None if not np.isfinite(x) else round(float(x), 6) for x in v] for k, v in out.items()}
@@ -135,17 +144,17 @@ def page_data(data: ReportData) -> dict[str, Any]:
     return {
         "available": True,
         "folder": str(data.folder),
-        "split": s.get("split"),
-        "score": s.get("score"),
-        "templates": s.get("templates"),
+        "split": s.split,
+        "score": s.score,
+        "templates": s.templates,
         "classes": data.classes,
-        "class_texts": s.get("class_texts") or {c: c for c in data.classes},
+        "class_texts": s.class_texts or {c: c for c in data.classes},
         "image_ids": data.image_ids,
         "scores": np.round(data.scores, 7).tolist(),
         "labels": np.where(data.valid, data.labels, -1).tolist(),  # -1: ignored (difficult only)
-        "mAP": data.report.get("mAP"),
-        "chance_mean": data.report.get("chance_mean"),
-        "AP": data.report.get("AP"),
+        "mAP": data.report.mAP,
+        "chance_mean": data.report.chance_mean,
+        "AP": data.report.AP or None,  # null for a report without per-class APs, as before
         "tuned": data.tuned,
         "curve": curve(data),
         "save_path": str(data.save_path),
@@ -156,17 +165,15 @@ def page_data(data: ReportData) -> dict[str, Any]:
 
 def tune_on_report(data: ReportData, objective: str, mode: str) -> dict[str, Any]:
     """Thresholds tuned on the report's own (evaluation) split, in the thresholds.json format."""
-    from vgclip.eval.thresholds import tune_thresholds
-
     info = tune_thresholds(data.scores, data.labels, data.valid, data.classes, mode, objective)
     return _with_provenance(data, info)
 
 
 def _with_provenance(data: ReportData, info: dict[str, Any]) -> dict[str, Any]:
     s = data.settings
-    info.update(score=s.get("score"), templates=s.get("templates"), crops=s.get("crops", "centre"),
-                class_texts=s.get("class_texts") or {c: c for c in data.classes},
-                tuned_on={"split": s.get("split"), "images": len(data.image_ids), "skipped_images": 0,
+    info.update(score=s.score, templates=s.templates, crops=s.crops,
+                class_texts=s.class_texts or {c: c for c in data.classes},
+                tuned_on={"split": s.split, "images": len(data.image_ids), "skipped_images": 0,
                           "is_eval_split": True, "chosen_in": "vgclip serve"})  # fmt: skip
     return info
 
@@ -174,8 +181,6 @@ def _with_provenance(data: ReportData, info: dict[str, Any]) -> dict[str, Any]:
 def thresholds_to_save(data: ReportData, mode: str, global_t: float, per_class: dict[str, float],
                        objective: str) -> dict[str, Any]:  # fmt: skip
     """A thresholds.json document (the format `vgclip predict --thresholds` reads) for the page's current choice."""
-    from vgclip.eval.thresholds import FORMAT_VERSION, MODES
-
     if mode not in MODES:
         raise VgclipError(f"threshold mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not np.isfinite(global_t):
@@ -193,7 +198,5 @@ def thresholds_to_save(data: ReportData, mode: str, global_t: float, per_class: 
 
 def save(data: ReportData, info: dict[str, Any]) -> Path:
     """Write the thresholds atomically to the path fixed at start (never a client-chosen path)."""
-    from vgclip.eval.thresholds import save_thresholds
-
     save_thresholds(info, data.save_path)
     return data.save_path

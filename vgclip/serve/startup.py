@@ -43,10 +43,11 @@ def default_options(setup: ServeSetup) -> Any:
         if not labels:
             raise VgclipError(f"{file}: lists no classes")
     chosen = predict_settings(setup.checkpoint, labels, thresholds_file=file)
-    limits = dict(zip(labels, chosen["thresholds"])) if chosen["thresholds"] else None
+    limits = dict(zip(labels, chosen.thresholds)) if chosen.thresholds else None
     if setup.max_upload_mb <= 0 or setup.max_pixels <= 0:
         raise VgclipError("--max-upload-mb and --max-pixels must be positive")
-    return ServeOptions(labels, chosen["score"], chosen["templates"], limits, chosen["texts"], source, chosen["crops"],
+    return ServeOptions(labels, score=chosen.score, templates=chosen.templates, thresholds=limits,
+                        class_texts=chosen.texts, labels_source=source, crops=chosen.crops,
                         max_upload_bytes=int(setup.max_upload_mb * 1024 * 1024), max_pixels=setup.max_pixels,
                         token=setup.token, info={"checkpoint": str(setup.checkpoint)})  # fmt: skip
 

@@ -30,6 +30,7 @@ from vgclip.config import Config, config_to_dict, save_config
 from vgclip.data.epoch_plan import batches_per_rank
 from vgclip.data.shards import as_location
 from vgclip.errors import VgclipError
+from vgclip.summary import TrainSummary
 from vgclip.train import distributed as D
 from vgclip.train import state as S
 from vgclip.train import tracking
@@ -116,13 +117,13 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
                 logger.close()
         summary = _finish(ctx, parts, pos, n_train, last_loss, val, time.perf_counter() - started, start_step)
         if voc_root is not None and info.is_main:
-            summary["zeroshot"] = tracking.final_zeroshot(parts.raw, parts.eval_tf, parts.tokenizer, ctx.config,
-                                                          ctx.run_dir, Path(voc_root), info.device)
+            summary = replace(summary, zeroshot=tracking.final_zeroshot(
+                parts.raw, parts.eval_tf, parts.tokenizer, ctx.config, ctx.run_dir, Path(voc_root), info.device))
         if info.is_main:  # after the zero-shot report, so the model card (RUN/README.md) can quote it
             from vgclip.export.model_card import finish_run_card
 
             finish_run_card(ctx.run_dir, summary, world_size=info.world_size, device=str(info.device))
-        return summary
+        return summary.to_dict()  # the JSON form: `vgclip train` prints it, callers read it by key
     finally:
         D.cleanup(info)
 
@@ -366,7 +367,7 @@ def _checkpoint(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Positio
 
 
 def _finish(ctx: RunContext, parts: Parts, pos: S.Position, n_train: int, loss: float, val: dict, seconds: float,
-            start_step: int) -> dict[str, Any]:
+            start_step: int) -> TrainSummary:
     """Save the final weights (rank 0) and summarise the run."""
     from vgclip.model.checkpoint import save_model
 
@@ -375,15 +376,16 @@ def _finish(ctx: RunContext, parts: Parts, pos: S.Position, n_train: int, loss: 
         save_model(ctx.run_dir, parts.raw, parts.tokenizer, ctx.config)
         best = tracking.keep_best_weights(ctx.run_dir, ctx.config.train.select_by)  # RUN/best.safetensors
     D.barrier(ctx.info)
-    return {
-        "run_dir": str(ctx.run_dir), "steps": pos.step, "epochs": pos.epoch, "train_samples": n_train,
-        "samples_seen": pos.samples_seen, "final_train_loss": loss, "val": val,
-        "best_val_loss": pos.best_val_loss, "best_zeroshot_map": pos.best_zeroshot_map, "best": best,
-        "bad_steps": pos.bad_steps, "seconds": seconds,
-        "steps_this_session": pos.step - start_step, "data": str(ctx.data_dir),
-        "val_data": None if ctx.val is None else str(ctx.val.location),
-        "val_voc_root": None if ctx.val_voc is None else str(ctx.val_voc.root),
-        # this session's reads, all ranks: samples skipped by reason, shards that broke off (their URLs)
-        **ctx.data_report.summary(lambda blob: D.gather_bytes(blob, ctx.info)),
-    }
+    # this session's reads, all ranks: samples skipped by reason, shards that broke off (their URLs)
+    reads = ctx.data_report.summary(lambda blob: D.gather_bytes(blob, ctx.info))
+    return TrainSummary(
+        run_dir=str(ctx.run_dir), steps=pos.step, epochs=pos.epoch, train_samples=n_train,
+        samples_seen=pos.samples_seen, final_train_loss=loss, val=val,
+        best_val_loss=pos.best_val_loss, best_zeroshot_map=pos.best_zeroshot_map, best=best,
+        bad_steps=pos.bad_steps, seconds=seconds,
+        steps_this_session=pos.step - start_step, data=str(ctx.data_dir),
+        val_data=None if ctx.val is None else str(ctx.val.location),
+        val_voc_root=None if ctx.val_voc is None else str(ctx.val_voc.root),
+        skipped=reads["skipped"], failed_shards=reads["failed_shards"],
+    )
 

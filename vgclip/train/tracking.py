@@ -81,16 +81,16 @@ def zeroshot_map(model: nn.Module, eval_tf, tokenizer, voc: ValVoc, config: Conf
     A scoring problem mid-run is reported, not raised: under DDP the other ranks are waiting at the
     epoch's barrier, and the run's other checkpoints are still worth keeping.
     """
-    from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
+    from vgclip.eval.zeroshot import ZeroshotOptions, evaluate_zeroshot
 
     options = ZeroshotOptions(tune_split=None, plots=False, num_workers=max(0, min(2, config.data.num_workers)))
     rng = S.rng_state()  # scoring (its loader's worker seeds) must not shift the training random stream
     was_training = model.training
     try:
         with _quiet(QUIET_LOGGERS):
-            report = run_zeroshot(model, eval_tf, tokenizer, voc.root, voc.split, config.eval, None, options,
-                                  device=device)
-        value = float(report["mAP"])
+            result = evaluate_zeroshot(model, eval_tf, tokenizer, voc.root, voc.split, config.eval, options,
+                                       device=device)
+        value = float(result.report.mAP) if result.report.mAP is not None else math.nan
         return (value, "") if math.isfinite(value) else (None, "zero-shot mAP is not a number (no positives?)")
     except VgclipError as exc:
         return None, f"zero-shot scoring of --val-voc-root failed: {exc}"
@@ -141,7 +141,8 @@ def final_zeroshot(model: nn.Module, eval_tf, tokenizer, config: Config, run_dir
 
     The trained model is saved by then: an evaluation problem is reported, not raised.
     """
-    from vgclip.eval.zeroshot import ZeroshotOptions, run_zeroshot
+    from vgclip.eval.job import run_zeroshot
+    from vgclip.eval.zeroshot import ZeroshotOptions
 
     out = run_dir / "zeroshot"
     options = ZeroshotOptions(num_workers=config.data.num_workers, checkpoint=str(run_dir))
@@ -151,4 +152,4 @@ def final_zeroshot(model: nn.Module, eval_tf, tokenizer, config: Config, run_dir
         return {"error": str(exc)}
     finally:
         model.train()
-    return {k: report[k] for k in ("mAP", "chance_mean") if k in report} | {"report": str(out)}
+    return {"mAP": report.mAP, "chance_mean": report.chance_mean, "report": str(out)}
