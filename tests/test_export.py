@@ -13,8 +13,10 @@ from PIL import Image
 import vgclip
 from vgclip.cli import main
 from vgclip.errors import VgclipError
-from vgclip.export.open_clip import CONFIG_FILE, WEIGHTS_FILE, export_open_clip, load_open_clip_folder
+from vgclip.export.open_clip import export_open_clip, load_open_clip_folder
 from vgclip.model.checkpoint import save_model
+from vgclip.model.open_clip_folder import OPEN_CLIP_CONFIG_FILE as CONFIG_FILE
+from vgclip.model.open_clip_folder import OPEN_CLIP_WEIGHTS_FILE as WEIGHTS_FILE
 from vgclip.synthetic.writers import write_synthetic_voc
 
 pytest.importorskip("open_clip")

@@ -14,8 +14,10 @@ import yaml
 import vgclip
 from vgclip.cli import main
 from vgclip.errors import VgclipError
-from vgclip.export.open_clip import CONFIG_FILE, NAME_MAP, WEIGHTS_FILE, open_clip_name, vgclip_name
 from vgclip.model.checkpoint import save_model
+from vgclip.model.open_clip_folder import NAME_MAP, open_clip_name, vgclip_name
+from vgclip.model.open_clip_folder import OPEN_CLIP_CONFIG_FILE as CONFIG_FILE
+from vgclip.model.open_clip_folder import OPEN_CLIP_WEIGHTS_FILE as WEIGHTS_FILE
 from vgclip.synthetic.writers import write_synthetic_voc
 
 pytest.importorskip("open_clip")

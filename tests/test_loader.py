@@ -12,9 +12,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from vgclip.config import DataConfig
+from vgclip.config import DataConfig, parse_pairing
 from vgclip.data.loader import count_samples, list_shards, make_loader, round_robin
-from vgclip.data.pairing import join_phrases, parse_pairing, region_crop
+from vgclip.data.pairing import join_phrases, region_crop
 from torchvision import transforms as T
 
 from vgclip.data.transforms import build_image_transform, stack_images

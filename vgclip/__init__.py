@@ -22,7 +22,7 @@ __all__ = ["Config", "ClipLoss", "VgclipError", "create_model", "load_checkpoint
 _LAZY = {
     "create_model": "vgclip.model.clip",
     "ClipLoss": "vgclip.model.loss",
-    "load_checkpoint": "vgclip.model.checkpoint",
+    "load_checkpoint": "vgclip.load",
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from vgclip.errors import ConfigError
+from vgclip.io import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -123,6 +124,30 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Pairing:
+    """A parsed ``data.pairing`` value (what data/pairing.py does with each kind)."""
+
+    kind: str  # "single", "combine" or "region"
+    k: int = 1
+
+
+def parse_pairing(spec: str) -> Pairing:
+    """Parse ``single``, ``combine:K`` (K >= 1) or ``region``; raise ConfigError otherwise."""
+    spec = spec.strip()
+    if spec in ("single", "region"):
+        return Pairing(spec)
+    name, sep, count = spec.partition(":")
+    if name == "combine" and sep:
+        try:
+            k = int(count)
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return Pairing("combine", k)
+    raise ConfigError(f"data.pairing={spec!r}: expected 'single', 'combine:K' (K >= 1, e.g. combine:3) or 'region'")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """How training examples are built from the shards and fed to the model."""
 
@@ -142,8 +167,6 @@ class DataConfig:
     tar_reader: str = "direct"  # "direct" or "webdataset"
 
     def __post_init__(self) -> None:
-        from vgclip.data.pairing import parse_pairing  # light (no torch); data/ imports this module
-
         parse_pairing(self.pairing)  # ConfigError naming data.pairing
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.num_workers", self.num_workers, -1)
@@ -269,8 +292,6 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from vgclip.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 

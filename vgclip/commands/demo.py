@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
+
+from vgclip.cli import main as cli
 
 # Settings that make the offline-small towers learn the synthetic scenes within a few minutes on a
 # 2-core CPU: small images (the shapes stay recognisable at 112 px), short phrases (16 tokens), and
@@ -46,8 +50,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vgclip.cli import main as cli
-
     out: Path = args.out
     data, shards, run_dir, report = out / "data", out / "shards", out / "run", out / "report"
     started = time.monotonic()
@@ -76,8 +78,5 @@ def run(args: argparse.Namespace) -> int:
 
 def serve_command(run_dir: Path, report: Path) -> str:
     """The `vgclip serve` command line for the demo's run, with the vgclip executable this demo ran as."""
-    import shlex
-    import sys
-
     program = sys.argv[0] if Path(sys.argv[0]).name == "vgclip" else "vgclip"
     return shlex.join([program, "serve", "--checkpoint", str(run_dir), "--report", str(report)])

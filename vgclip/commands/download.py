@@ -11,6 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
+from vgclip.errors import VgclipError
+
 _DEFAULT_OUT = {"vg": Path("data/visual_genome"), "voc2007": Path("data"), "voc2012": Path("data")}
 
 
@@ -36,10 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Download, verify and install one dataset, then print where the readers should look."""
+    # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
     from vgclip.download.fetch import FetchSettings, format_bytes
     from vgclip.download.install import DownloadOptions, download_dataset
     from vgclip.download.sources import MIRROR_ENV, get_source
-    from vgclip.errors import VgclipError
 
     if args.dataset != "vg" and not args.images:
         raise VgclipError("--no-images applies to vg only (VOC archives hold images and annotations together)")

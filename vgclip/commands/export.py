@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, then print where the files went and how closely open_clip reproduces the embeddings."""
+    # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
     from vgclip.export.open_clip import export_open_clip
 
     result = export_open_clip(args.checkpoint, args.out, hub_id=args.hub_id, overwrite=args.overwrite)

@@ -18,6 +18,8 @@ import argparse
 import os
 from pathlib import Path
 
+from vgclip.errors import VgclipError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prepare", help="clean Visual Genome / COCO / CSV captions into WebDataset shards",
@@ -48,9 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
     from vgclip.prepare.cleaning import CleaningSettings, Skips
     from vgclip.prepare.pipeline import PrepareSettings, format_summary, run_prepare
-    from vgclip.errors import VgclipError
 
     if args.train_images < 0 or args.val_images < 0 or args.train_images + args.val_images == 0:
         raise VgclipError("--train-images and --val-images must be >= 0 and not both 0")
@@ -73,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _source(args: argparse.Namespace, cleaning, skips):
     """The record iterator of the chosen source and a description of the inputs for the manifest."""
+    # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
     from vgclip.prepare.sources import iter_coco_records, iter_csv_records
     from vgclip.prepare.visual_genome import iter_vg_records
-    from vgclip.errors import VgclipError
 
     if args.vg_root is not None:
         return iter_vg_records(args.vg_root, cleaning, skips), {

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from vgclip.errors import VgclipError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `vgclip serve`."""
@@ -39,12 +41,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the run once, then serve until Ctrl-C."""
-    try:
+    try:  # FastAPI and uvicorn are the optional `serve` extra: imported when the command runs
         from vgclip.serve.auth import TOKEN_ENV, choose_token
         from vgclip.serve.startup import ServeSetup, build_app, open_lines, serve
     except ImportError as exc:
-        from vgclip.errors import VgclipError
-
         raise VgclipError(f"serving needs FastAPI and uvicorn: pip install 'vgclip[serve]' ({exc})") from None
     # Before the model loads: a contradictory or weak token should not cost a minute of loading first.
     token, generated = choose_token(args.host, args.token, args.no_token, os.environ.get(TOKEN_ENV))

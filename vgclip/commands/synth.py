@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from vgclip.errors import VgclipError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `vgclip synth`."""
@@ -30,8 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write both folders and print where they went with their counts."""
+    # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
     from vgclip.synthetic.writers import SYNTH_CLASSES, write_synthetic_vg, write_synthetic_voc
-    from vgclip.errors import VgclipError
 
     if args.image_size < 64:
         raise VgclipError(f"--image-size must be at least 64 pixels, got {args.image_size}")

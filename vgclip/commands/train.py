@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 from pathlib import Path
+
+from vgclip.config import config_to_dict, load_config
+from vgclip.errors import VgclipError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,10 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, check the run folder, train, print the summary as JSON."""
-    import shutil
-
-    from vgclip.config import load_config
-    from vgclip.errors import VgclipError
+    # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
     from vgclip.train.loop import train
 
     config_source = args.config
@@ -62,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     summary = train(config, args.data, args.out, resume=args.resume, voc_root=args.voc_root,
                     val_data=args.val_data, val_voc_root=args.val_voc_root)
     if summary["failed_shards"]:
-        import sys
-
         print(f"vgclip train: warning: {len(summary['failed_shards'])} shard(s) could not be read to the end and "
               f"were skipped: {' '.join(summary['failed_shards'])}", file=sys.stderr)
     print(json.dumps(summary, default=str))
@@ -72,10 +72,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _warn_if_config_changed(saved, config) -> None:
     """A resumed run continues exactly only with the settings it started with: name what differs."""
-    import sys
-
-    from vgclip.config import config_to_dict
-
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in d.items():

@@ -42,11 +42,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vgclip.config import DataConfig
+from vgclip.config import DataConfig, Pairing, parse_pairing
 from vgclip.data.decoding import decode_image
 from vgclip.data.epoch_plan import EpochPlan, plan_epoch
 from vgclip.data.images import BadImageError
-from vgclip.data.pairing import Box, Pairing, choose_pair, mirror_text, parse_pairing, stable_seed
+from vgclip.data.pairing import Box, choose_pair, mirror_text, stable_seed
 from vgclip.data.samples import RETRY_WAIT_S, RawSample, ShardRange, raw_samples, read_ranges, shard_sizes
 from vgclip.data.shards import Shard, is_pattern, list_shards, manifest_count
 from vgclip.data.transforms import PixelTransform, stack_images

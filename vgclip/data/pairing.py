@@ -18,36 +18,11 @@ import hashlib
 import math
 import random
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from vgclip.errors import ConfigError
+from vgclip.config import Pairing  # the data.pairing grammar (parse_pairing) lives in config, which checks it
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, for PIL's crop
-
-
-@dataclass(frozen=True)
-class Pairing:
-    """A parsed ``data.pairing`` value."""
-
-    kind: str  # "single", "combine" or "region"
-    k: int = 1
-
-
-def parse_pairing(spec: str) -> Pairing:
-    """Parse ``single``, ``combine:K`` (K >= 1) or ``region``; raise ConfigError otherwise."""
-    spec = spec.strip()
-    if spec in ("single", "region"):
-        return Pairing(spec)
-    name, sep, count = spec.partition(":")
-    if name == "combine" and sep:
-        try:
-            k = int(count)
-        except ValueError:
-            k = 0
-        if k >= 1:
-            return Pairing("combine", k)
-    raise ConfigError(f"data.pairing={spec!r}: expected 'single', 'combine:K' (K >= 1, e.g. combine:3) or 'region'")
 
 
 def stable_hash(text: str) -> int:

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vgclip.data.tar_reader import group_samples, iter_tar_samples
 from vgclip.errors import VgclipError
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def _pipe(command: str) -> Iterator[BinaryIO]:
 
 @contextmanager
 def _fsspec_open(url: str) -> Iterator[BinaryIO]:
-    try:
+    try:  # fsspec is the optional `remote` extra (s3://, gs://)
         import fsspec
     except ImportError:
         raise VgclipError(f"{url}: reading this URL needs fsspec: pip install 'vgclip[remote]'") from None
@@ -237,8 +238,6 @@ def read_samples(location: Shard, reader: str = "direct", wanted: Callable[[str]
 
     `wanted(suffix)` False: that member's bytes are skipped (b""), with the direct reader only.
     """
-    from vgclip.data.tar_reader import group_samples, iter_tar_samples
-
     with open_shard(location) as stream:
         if reader == "webdataset":
             from webdataset.tariterators import tar_file_iterator

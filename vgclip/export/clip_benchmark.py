@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vgclip.data.voc import find_voc_root, read_id_list
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_write_text
 
@@ -43,7 +44,7 @@ def clip_benchmark_protocol(dataset: str = DATASET) -> Protocol:
     """The class names and templates the installed CLIP_benchmark uses for `dataset` (VOC2007 only)."""
     if dataset not in ("voc2007", DATASET):
         raise VgclipError(f"only CLIP_benchmark's VOC2007 protocol is mirrored, not '{dataset}'")
-    try:
+    try:  # CLIP_benchmark is optional (a check against it, not a dependency)
         from clip_benchmark.datasets import voc2007
     except ImportError:
         raise VgclipError('CLIP_benchmark is not installed: pip install "vgclip[dev]" (or clip-benchmark)') from None
@@ -96,8 +97,6 @@ def write_voc2007_copy(src: str | Path, dst: str | Path, class_map: Mapping[str,
     Every object class must be mapped onto one of CLIP_benchmark's VOC names. ImageSets/Main gets `<split>.txt`
     and, for all 20 classes, `<class>_<split>.txt` (1 / 0 difficult only / -1), as VOC2007 has them.
     """
-    from vgclip.data.voc import find_voc_root, read_id_list
-
     protocol = clip_benchmark_protocol()
     bad = sorted(set(class_map.values()) - set(protocol.classes))
     if bad or len(set(class_map.values())) != len(class_map):

@@ -10,6 +10,8 @@ model's own pooling) is TimmModel with `timm_pool=""` (keep the network's poolin
 `head.proj`; the transformers encoder with mean / CLS pooling is HFTextEncoder with `mean_pooler` /
 `cls_last_hidden_state_pooler` and a bias-free linear `proj`. Everything else is refused with a one-line error.
 Before the folder appears, open_clip rebuilds the model from it and its embeddings are compared with vgclip's.
+The folder's file names and the weight-name table (NAME_MAP) live in model/open_clip_folder.py, which reads
+such a folder back into a vgclip model.
 """
 
 from __future__ import annotations
@@ -21,31 +23,19 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from vgclip.errors import VgclipError
+from vgclip.export.model_card import final_model_run, write_export_card
 from vgclip.io import atomic_write_text, replace_folder
+from vgclip.load import load_checkpoint
+from vgclip.model.clip import ClipModel
+from vgclip.model.open_clip_folder import OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE, POOLERS, open_clip_name
+from vgclip.model.text_tower import Tokenizer
+from vgclip.model.weights_file import write_safetensors
 
-if TYPE_CHECKING:
-    from vgclip.model.clip import ClipModel
-    from vgclip.model.text_tower import Tokenizer
-
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
-# vgclip pooling -> open_clip HF pooler. Not "cls_pooler": with a model built from a config it would use
-# BERT's pooler head (dense + tanh) instead of the CLS token state that vgclip pools.
-POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
-# vgclip weight name <-> open_clip weight name, the one table export and loading both read. An entry
-# ending in "." maps every name under that prefix; the others map one name.
-NAME_MAP: tuple[tuple[str, str], ...] = (
-    ("visual.trunk.", "visual.trunk."),
-    ("text.transformer.", "text.transformer."),
-    ("image_proj.weight", "visual.head.proj.weight"),
-    ("text_proj.weight", "text.proj.weight"),
-    ("logit_scale", "logit_scale"),
-)
 # Largest embedding difference the export accepts from open_clip's rebuild (same modules, same weights:
 # only summation order differs, e.g. text padded to the context length instead of the longest prompt).
 EXPORT_TOLERANCE = 1e-4
@@ -64,7 +54,7 @@ class ExportResult:
 
 def require_open_clip():
     """The open_clip module, or a VgclipError saying how to install it."""
-    try:
+    try:  # open_clip_torch is the optional `export` extra
         import open_clip
     except ImportError:
         raise VgclipError('exporting to open_clip needs open_clip_torch: pip install "vgclip[export]"') from None
@@ -74,7 +64,7 @@ def require_open_clip():
 def check_expressible(model: ClipModel) -> None:
     """Raise VgclipError when a tower or head of `model` has no open_clip counterpart."""
     require_open_clip()
-    from open_clip.hf_configs import arch_dict
+    from open_clip.hf_configs import arch_dict  # the optional `export` extra, checked just above
 
     text_cfg = model.config.text
     if text_cfg.pooling not in POOLERS:
@@ -125,27 +115,6 @@ def open_clip_config(model: ClipModel, text_source: str) -> dict[str, Any]:
     }
 
 
-def _renamed(key: str, to_open_clip: bool) -> str | None:
-    """`key` under the other side's names (NAME_MAP), or None when the table has no entry for it."""
-    for ours, theirs in NAME_MAP:
-        source, target = (ours, theirs) if to_open_clip else (theirs, ours)
-        if source.endswith(".") and key.startswith(source):
-            return target + key[len(source) :]
-        if key == source:
-            return target
-    return None
-
-
-def open_clip_name(key: str) -> str | None:
-    """open_clip's name for vgclip weight `key` (None: no counterpart)."""
-    return _renamed(key, to_open_clip=True)
-
-
-def vgclip_name(key: str) -> str | None:
-    """vgclip's name for open_clip weight `key` (None: no counterpart)."""
-    return _renamed(key, to_open_clip=False)
-
-
 def open_clip_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
     """vgclip's weights under open_clip's names (CustomTextCLIP with TimmModel + HFTextEncoder)."""
     renamed: dict[str, torch.Tensor] = {}
@@ -163,13 +132,12 @@ def open_clip_state_dict(model: ClipModel) -> dict[str, torch.Tensor]:
 
 def write_open_clip_folder(model: ClipModel, tokenizer: Tokenizer, folder: Path, text_source: str) -> list[str]:
     """Write the open_clip files for `model` into the existing `folder`; returns the file names."""
-    from vgclip.model.checkpoint import write_safetensors
-
     check_expressible(model)
     model.text.transformer.config.save_pretrained(str(folder))
     tokenizer.save(folder)
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(open_clip_config(model, text_source), indent=2) + "\n")
-    write_safetensors(folder / WEIGHTS_FILE, open_clip_state_dict(model),
+    config_text = json.dumps(open_clip_config(model, text_source), indent=2) + "\n"
+    atomic_write_text(folder / OPEN_CLIP_CONFIG_FILE, config_text)
+    write_safetensors(folder / OPEN_CLIP_WEIGHTS_FILE, open_clip_state_dict(model),
                       metadata={"format": "pt", "producer": "vgclip export"})  # fmt: skip
     return sorted(p.name for p in folder.iterdir() if p.is_file())
 
@@ -184,7 +152,7 @@ def load_open_clip_folder(folder: str | Path, text_source: str | None = None):
     folder = Path(folder).resolve()
     kwargs: dict[str, Any] = {}
     if text_source is not None:
-        text_cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+        text_cfg = json.loads((folder / OPEN_CLIP_CONFIG_FILE).read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
         kwargs["text_cfg"] = dict(text_cfg, hf_model_name=text_source, hf_model_pretrained=False)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", **kwargs)
@@ -218,8 +186,6 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, hub_id: str | 
     open_clip reads the text tower's HF config from `hf_model_name`: the export folder's absolute path by
     default, or `hub_id` (the Hub repo the folder will be uploaded to, which then serves config.json).
     """
-    from vgclip.model.checkpoint import load_checkpoint
-
     require_open_clip()
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not (out_dir.is_dir() and (overwrite or not any(out_dir.iterdir()))):
@@ -240,8 +206,6 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, hub_id: str | 
                 f"open_clip's rebuild of {checkpoint} differs from vgclip (largest embedding difference: image "
                 f"{image_diff:.2e}, text {text_diff:.2e}; allowed {EXPORT_TOLERANCE:g}); not exported"
             )
-        from vgclip.export.model_card import final_model_run, write_export_card
-
         write_export_card(staging, out_dir, final_model_run(checkpoint), hub_id)
         files = sorted(p.name for p in staging.iterdir() if p.is_file())
         replace_folder(staging, out_dir)

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from vgclip.config import Config, ModelConfig
+from vgclip.data.transforms import build_image_transform
 from vgclip.model.image_tower import ImageTower, build_image_tower, resolved_image_config
 from vgclip.model.lock import lock_tower, set_frozen_eval
 from vgclip.model.text_tower import TextTower, Tokenizer, build_text_tower, token_inputs
@@ -42,8 +43,6 @@ class ClipModel(nn.Module):
 
     def image_transform(self, train: bool = False) -> ImageTransform:
         """The PIL -> tensor transform this model expects (augmented when `train`)."""
-        from vgclip.data.transforms import build_image_transform
-
         return build_image_transform(self.visual.image_size, self.visual.mean, self.visual.std, train=train)
 
     def get_logit_scale(self) -> torch.Tensor:

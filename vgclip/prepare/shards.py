@@ -163,7 +163,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def tfrecord_writer_class():
     """tfrecord.TFRecordWriter, or VgclipError saying what to install."""
-    try:
+    try:  # tfrecord is the optional `tfrecord` extra
         from tfrecord import TFRecordWriter
     except ImportError:
         raise VgclipError(

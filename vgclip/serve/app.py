@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
@@ -24,6 +25,8 @@ from pydantic import BaseModel
 
 from vgclip.data.images import BadImageError
 from vgclip.errors import VgclipError
+from vgclip.eval.prompts import readable_name
+from vgclip.serve import report as rep
 from vgclip.serve.auth import AccessGuard
 from vgclip.serve.engine import ImageTooLargeError, ScoringEngine, decode_upload, predicted_set
 from vgclip.serve.limits import DRAIN_FACTOR, BodyLimit
@@ -200,10 +203,6 @@ def add_predict_route(app: FastAPI, engine: ScoringEngine, options: ServeOptions
                       thresholds: str | None = Form(None, description="a number, or JSON {label: threshold}"),
                       ) -> dict[str, Any]:  # fmt: skip
         """Per image: every label's score and the predicted set (score >= threshold, else the top label)."""
-        from vgclip.eval.prompts import readable_name
-
-        import torch
-
         names = parse_labels(labels)
         kind = _choice(score, options.score, SCORE_KINDS, "score")
         prompts = _choice(templates, options.templates, TEMPLATE_SETS, "templates")
@@ -219,8 +218,6 @@ def add_predict_route(app: FastAPI, engine: ScoringEngine, options: ServeOptions
 
 def add_report_routes(app: FastAPI, report: ReportData | None) -> None:
     """The threshold page's API: the report's scores, tuning, saving and the gallery images."""
-    from vgclip.serve import report as rep
-
     def need() -> ReportData:
         if report is None:
             raise HTTPException(404, "no report: start `vgclip serve` with --report REPORT_DIR (zeroshot output)")

@@ -26,16 +26,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load, save, save_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vgclip.config import Config, DataConfig
+from vgclip.config import Config, DataConfig, parse_pairing
+from vgclip.data.decoding import decode_image
 from vgclip.data.epoch_plan import batches_per_rank, span_pieces
-from vgclip.data.pairing import choose_pair, parse_pairing, stable_seed
+from vgclip.data.images import BadImageError
+from vgclip.data.pairing import choose_pair, stable_seed
 from vgclip.data.samples import ShardRange, read_ranges, shard_sizes
-from vgclip.data.shards import Shard, is_remote
+from vgclip.data.shards import Shard, is_pattern, is_remote, list_shards, read_manifest
 from vgclip.data.transforms import PixelTransform, stack_images
 from vgclip.errors import VgclipError
+from vgclip.io import atomic_path, atomic_write_text
 from vgclip.train.distributed import DistInfo, all_ranks, barrier, gather_bytes, gather_bytes_to_main
 
 CACHE_FILE = "image_features.safetensors"
@@ -144,9 +149,6 @@ class FeatureBlocks(IterableDataset):
         self.shards, self.cfg, self.transform, self.per_worker = shards, cfg, transform, per_worker
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, list[str], list[dict]]]:
-        from vgclip.data.decoding import decode_image
-        from vgclip.data.images import BadImageError
-
         info = get_worker_info()
         worker = info.id if info is not None else 0
         for block, ranges in self.per_worker[worker]:
@@ -209,10 +211,6 @@ def build_feature_cache(config: Config, *, data_dir: Path, run_dir: Path, visual
     """The run's feature cache: RUN/image_features.* when every rank finds them matching its tower and
     shards, else built by all ranks (each its share of the rows) and written by rank 0. Every rank
     then checks that it sees the cache rank 0 wrote (a run folder not shared between nodes fails here)."""
-    from safetensors import safe_open
-
-    from vgclip.data.shards import list_shards
-
     shards = list_shards(data_dir, "train")
     path, index_path = run_dir / CACHE_FILE, run_dir / INDEX_FILE
     wanted = fingerprint(visual, shards, repr(eval_tf), fast_decode=config.data.fast_decode,
@@ -236,10 +234,6 @@ def build_feature_cache(config: Config, *, data_dir: Path, run_dir: Path, visual
 def _build(config: Config, shards: list[Shard], visual: nn.Module, eval_tf: Any, info: DistInfo, path: Path,
            index_path: Path, wanted: str) -> None:
     """Every rank computes its share of the rows; rank 0 gathers them in rank order and writes both files."""
-    from safetensors.torch import load, save, save_file
-
-    from vgclip.io import atomic_path, atomic_write_text
-
     features, keys, metas = compute_features(visual, shards, eval_tf, info.device, data_cfg=config.data,
                                              rank=info.rank, world_size=info.world_size)
     feature_parts = gather_bytes_to_main(save({"features": features.contiguous()}), info)
@@ -258,15 +252,11 @@ def _build(config: Config, shards: list[Shard], visual: nn.Module, eval_tf: Any,
 
 def _remote_manifest(data_dir: str | Path) -> dict | None:
     """A remote folder's manifest (what stands for its shards' contents in the fingerprint), else None."""
-    from vgclip.data.shards import is_pattern, read_manifest
-
     return read_manifest(data_dir) if is_remote(data_dir) and not is_pattern(data_dir) else None
 
 
 def _stored_fingerprints(path: Path, index_path: Path) -> tuple[str | None, str | None]:
     """(fingerprint of the features file, of the index file); None for a missing or unreadable one."""
-    from safetensors import safe_open
-
     tensor_fp = index_fp = None
     try:
         with safe_open(str(path), framework="pt") as fh:

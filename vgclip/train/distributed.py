@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vgclip.errors import VgclipError
+from vgclip.io import atomic_write_text
 
 RUN_TOKEN = ".run-token"  # written by rank 0 at start-up, read back by every rank
 
@@ -142,8 +143,6 @@ def check_shared_folder(folder: Path, info: DistInfo) -> None:
     Raises the same one-line VgclipError on every rank (so none waits in a collective) naming the
     ranks that cannot see the folder rank 0 writes, e.g. node-local disks under the same path.
     """
-    from vgclip.io import atomic_write_text
-
     if not info.distributed:
         return
     token = gather_bytes(secrets.token_hex(16).encode(), info)[0].decode()  # rank 0's, on every rank

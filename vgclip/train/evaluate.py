@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from vgclip.model.loss import ClipLoss
+
 RECALL_AT = (1, 5, 10)
 
 
@@ -41,8 +43,6 @@ def validate(
 
     Recall is computed over up to `max_samples` pairs: the similarity matrix grows quadratically.
     """
-    from vgclip.model.loss import ClipLoss
-
     loss_fn = ClipLoss()  # this process's batches only: validation runs on one rank
     was_training = model.training
     model.eval()

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from vgclip.config import DataConfig
-from vgclip.data.pairing import parse_pairing
+from vgclip.config import DataConfig, parse_pairing
+from vgclip.data.loader import count_samples, list_shards
 from vgclip.data.shards import Shard, as_location, is_pattern, pattern_split
 from vgclip.errors import VgclipError
 
@@ -34,8 +34,6 @@ def check_shards(data: str | Path, data_cfg: DataConfig, val_data: str | Path | 
                  ) -> tuple[int, ValSource | None]:
     """(number of training samples, where validation reads or None); one-line VgclipErrors naming the
     location for a missing folder, no shards, no usable samples or a pairing these shards cannot give."""
-    from vgclip.data.loader import count_samples, list_shards
-
     data = _checked("--data", data, data_cfg.pairing)
     list_shards(data, "train")  # one-line VgclipError when there are none
     n_train = count_samples(data, "train", data_cfg.tar_reader)

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vgclip.io import atomic_path
+
 COLUMNS = ("step", "epoch", "split", "loss", "lr", "samples_per_s", "grad_norm",
            "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "zeroshot_map", "note")
 
@@ -39,8 +41,6 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        from vgclip.io import atomic_path
-
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()

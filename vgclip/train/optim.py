@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vgclip.config import TrainConfig
+from vgclip.errors import VgclipError
 
 # Top-level attributes holding the towers (ClipModel's names, which open_clip's CustomTextCLIP shares).
 # Projections and the temperature sit outside the towers: they are new, so they train at the base lr
@@ -73,8 +74,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (betas and eps as in CLIP for small batches)."""
     groups = param_groups(model, cfg)
     if not groups:
-        from vgclip.errors import VgclipError
-
         raise VgclipError("nothing to train: every parameter is frozen (check model.image.lock / model.text.lock)")
     # The fused kernel updates all parameters in one pass instead of one kernel per tensor: the
     # optimizer step is a large part of a locked-image-tower (LiT) step (README: bench_train).

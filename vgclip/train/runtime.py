@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vgclip.config import Config
+from vgclip.model.loss import ClipLoss
 from vgclip.train.distributed import DistInfo
 
 GIB = 2**30
@@ -102,8 +103,6 @@ def activation_bytes_per_sample(model: nn.Module, tokenizer, *, image_size: int,
     cleared and the random streams restored afterwards: training starts as if this never ran."""
     if device.type != "cuda":
         return None
-    from vgclip.model.loss import ClipLoss
-
     peaks = []
     with torch.random.fork_rng(devices=[device]):
         for n in (2, 4):

@@ -1,9 +1,11 @@
-"""An open_clip model folder (what `vgclip export` writes, or any folder of the same kind) as a vgclip model.
+"""open_clip's model folder, the format `vgclip export` writes, read back as a vgclip model (no open_clip needed).
+
+The folder's names (OPEN_CLIP_CONFIG_FILE, OPEN_CLIP_WEIGHTS_FILE, POOLERS) and NAME_MAP, the one table of
+vgclip weight names <-> open_clip weight names that export/open_clip.py writes with and this module reads with.
 
 The folder's `open_clip_config.json` is read back into a vgclip ModelConfig (timm image tower, HF text
 tower with mean / CLS-state pooling, bias-free linear projections), the towers are built with random
-init and no network, and `open_clip_model.safetensors` is loaded under vgclip's names (NAME_MAP in
-open_clip.py, the same table the export writes with). open_clip itself is not needed.
+init and no network, and `open_clip_model.safetensors` is loaded under vgclip's names.
 """
 
 from __future__ import annotations
@@ -17,7 +19,50 @@ import torch
 
 from vgclip.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from vgclip.errors import ConfigError, VgclipError
-from vgclip.export.open_clip import CONFIG_FILE, POOLERS, WEIGHTS_FILE, vgclip_name
+from vgclip.model.clip import create_model
+from vgclip.model.weights_file import load_state, read_safetensors
+
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+# vgclip pooling -> open_clip HF pooler. Not "cls_pooler": with a model built from a config it would use
+# BERT's pooler head (dense + tanh) instead of the CLS token state that vgclip pools.
+POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
+# vgclip weight name <-> open_clip weight name, the one table export and loading both read. An entry
+# ending in "." maps every name under that prefix; the others map one name.
+NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("visual.trunk.", "visual.trunk."),
+    ("text.transformer.", "text.transformer."),
+    ("image_proj.weight", "visual.head.proj.weight"),
+    ("text_proj.weight", "text.proj.weight"),
+    ("logit_scale", "logit_scale"),
+)
+
+
+# --------------------------------------------------------------------------- weight names
+
+
+def _renamed(key: str, to_open_clip: bool) -> str | None:
+    """`key` under the other side's names (NAME_MAP), or None when the table has no entry for it."""
+    for ours, theirs in NAME_MAP:
+        source, target = (ours, theirs) if to_open_clip else (theirs, ours)
+        if source.endswith(".") and key.startswith(source):
+            return target + key[len(source) :]
+        if key == source:
+            return target
+    return None
+
+
+def open_clip_name(key: str) -> str | None:
+    """open_clip's name for vgclip weight `key` (None: no counterpart)."""
+    return _renamed(key, to_open_clip=True)
+
+
+def vgclip_name(key: str) -> str | None:
+    """vgclip's name for open_clip weight `key` (None: no counterpart)."""
+    return _renamed(key, to_open_clip=False)
+
+
+# --------------------------------------------------------------------------- reading a folder
 
 # open_clip's defaults when a config has no preprocess_cfg mean/std (OPENAI_DATASET_MEAN / _STD).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,12 +72,12 @@ TEXT_FILES = ("config.json", "tokenizer.json")
 
 def is_open_clip_folder(folder: Path) -> bool:
     """Whether `folder` looks like an open_clip model folder (it has open_clip_config.json)."""
-    return folder.is_dir() and (folder / CONFIG_FILE).is_file()
+    return folder.is_dir() and (folder / OPEN_CLIP_CONFIG_FILE).is_file()
 
 
 def read_open_clip_config(folder: Path) -> dict[str, Any]:
     """open_clip_config.json of `folder` as a dict; VgclipError naming the file when unreadable."""
-    path = folder / CONFIG_FILE
+    path = folder / OPEN_CLIP_CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -116,15 +161,13 @@ def vgclip_state_dict(folder: Path, state: dict[str, torch.Tensor]) -> dict[str,
 
 def load_open_clip_export(folder: str | Path):
     """(model in eval mode, eval image transform, tokenizer) from an open_clip model folder, offline."""
-    from vgclip.model.checkpoint import load_state, read_safetensors
-    from vgclip.model.clip import create_model
-
     folder = Path(folder)
     config = read_open_clip_config(folder)
     model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg") or {}
-    weights = folder / WEIGHTS_FILE
+    weights = folder / OPEN_CLIP_WEIGHTS_FILE
     if not weights.is_file():
-        raise VgclipError(f"open_clip folder {folder} has no {WEIGHTS_FILE} (vgclip reads safetensors weights only)")
+        raise VgclipError(f"open_clip folder {folder} has no {OPEN_CLIP_WEIGHTS_FILE} "
+                          "(vgclip reads safetensors weights only)")  # fmt: skip
     state = vgclip_state_dict(folder, read_safetensors(weights))
     # open_clip scales logits by exp(logit_scale) as stored: let vgclip's cap sit at or above that value.
     scale = state.get("logit_scale")
@@ -135,7 +178,7 @@ def load_open_clip_export(folder: str | Path):
         model_config = ModelConfig(image=image, text=text, embed_dim=int(model_cfg.get("embed_dim", 0)),
                                    max_logit_scale=max_scale)  # fmt: skip
     except (ConfigError, TypeError, ValueError) as exc:
-        raise VgclipError(f"open_clip folder {folder}: {CONFIG_FILE} does not describe a vgclip model "
+        raise VgclipError(f"open_clip folder {folder}: {OPEN_CLIP_CONFIG_FILE} does not describe a vgclip model "
                           f"({exc})") from None  # fmt: skip
     model, transform, tokenizer = create_model(model_config)
     load_state(model, state, str(weights))
