@@ -6,7 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import vgclip
+from vgclip.data.views import eval_transform
+from vgclip.data.voc import STANDARD_CLASSES
 from vgclip.errors import VgclipError
+from vgclip.eval.predict import predict_settings
+from vgclip.eval.thresholds import load_thresholds
+from vgclip.serve.app import ServeOptions, create_app
+from vgclip.serve.auth import TOKEN_ENV, is_loopback
+from vgclip.serve.engine import ScoringEngine
+from vgclip.serve.report import load_report
 
 
 @dataclass(frozen=True)
@@ -29,11 +38,6 @@ class ServeSetup:
 def default_options(setup: ServeSetup) -> Any:
     """Labels, score kind, templates and thresholds the pages start with: the thresholds file's (given, or the
     report's thresholds.json), else the 20 VOC classes with the run's eval settings."""
-    from vgclip.data.voc import STANDARD_CLASSES
-    from vgclip.eval.predict import predict_settings
-    from vgclip.eval.thresholds import load_thresholds
-    from vgclip.serve.app import ServeOptions
-
     file = setup.thresholds
     if file is None and setup.report is not None and (setup.report / "thresholds.json").is_file():
         file = setup.report / "thresholds.json"
@@ -54,12 +58,6 @@ def default_options(setup: ServeSetup) -> Any:
 
 def build_app(setup: ServeSetup) -> Any:
     """The FastAPI app with the model loaded (once) and the report read."""
-    import vgclip
-    from vgclip.serve.app import create_app
-    from vgclip.data.views import eval_transform
-    from vgclip.serve.engine import ScoringEngine
-    from vgclip.serve.report import load_report
-
     if not Path(setup.checkpoint).exists():
         raise VgclipError(f"{setup.checkpoint}: no such run folder or checkpoint")
     options = default_options(setup)
@@ -78,8 +76,6 @@ def open_lines(host: str, port: int, token: str | None, generated: bool, no_toke
     """What `vgclip serve` prints once the model is loaded, as (line, is_warning): where to open it, with the
     token when one was generated (a given one is not echoed into logs), or a warning when it is open to others."""
     import socket
-
-    from vgclip.serve.auth import TOKEN_ENV, is_loopback
 
     # A wildcard address is no URL to open: name this machine instead.
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host

@@ -28,13 +28,19 @@ from torch import nn
 
 from vgclip.config import Config, config_to_dict, save_config
 from vgclip.data.epoch_plan import batches_per_rank
+from vgclip.data import loader as data_loader  # called as data_loader.make_loader: tests replace it there
 from vgclip.data.shards import as_location
 from vgclip.errors import VgclipError
+from vgclip.export.model_card import finish_run_card
+from vgclip.model.checkpoint import save_model, save_text_tower_files
+from vgclip.model.clip import create_model
+from vgclip.model.loss import ClipLoss
 from vgclip.summary import TrainSummary
 from vgclip.train import distributed as D
 from vgclip.train import state as S
 from vgclip.train import tracking
 from vgclip.train.advice import warn_small_data
+from vgclip.train.cache import CachedImageClip, build_feature_cache, cache_applies
 from vgclip.train.evaluate import validate
 from vgclip.train.grads import clip_gradients, keep_embedding_grads, zero_grads
 from vgclip.train.inputs import DataReport, ValSource, check_shards
@@ -120,8 +126,6 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
             summary = replace(summary, zeroshot=tracking.final_zeroshot(
                 parts.raw, parts.eval_tf, parts.tokenizer, ctx.config, ctx.run_dir, Path(voc_root), info.device))
         if info.is_main:  # after the zero-shot report, so the model card (RUN/README.md) can quote it
-            from vgclip.export.model_card import finish_run_card
-
             finish_run_card(ctx.run_dir, summary, world_size=info.world_size, device=str(info.device))
         return summary.to_dict()  # the JSON form: `vgclip train` prints it, callers read it by key
     finally:
@@ -213,8 +217,6 @@ def total_steps(config: Config, batches_per_epoch: int) -> int:
 
 def _build_model(ctx: RunContext) -> tuple[nn.Module, Any, Any]:
     """(bare ClipModel on the device in train mode, eval transform, tokenizer)."""
-    from vgclip.model.clip import create_model
-
     raw, eval_tf, tokenizer = create_model(ctx.config.model)
     raw.to(ctx.info.device)
     if ctx.config.train.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on tensor cores
@@ -237,8 +239,6 @@ def _prepare_run_folder(ctx: RunContext, raw: nn.Module, tokenizer, *, resume_st
     """Rank 0 writes config.yaml and text_tower/ and opens metrics.csv; the others wait."""
     logger = None
     if ctx.info.is_main:
-        from vgclip.model.checkpoint import save_text_tower_files
-
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(ctx.config, ctx.run_dir / "config.yaml")
         # With these beside them, step checkpoints load with vgclip.load_checkpoint(RUN/checkpoints/step-N).
@@ -250,9 +250,6 @@ def _prepare_run_folder(ctx: RunContext, raw: nn.Module, tokenizer, *, resume_st
 
 def _training_parts(ctx: RunContext, raw: nn.Module, eval_tf, tokenizer) -> Parts:
     """The model as the step calls it (LiT cache, sparse vocabulary gradients, DDP, compile) and the loss."""
-    from vgclip.model.loss import ClipLoss
-    from vgclip.train.cache import CachedImageClip, build_feature_cache, cache_applies
-
     cfg, info = ctx.config.train, ctx.info
     if cfg.compile:  # one compiled graph: text batches padded to max_length never change shape
         tokenizer = tokenizer.with_fixed_length()
@@ -275,12 +272,10 @@ def _batches(ctx: RunContext, parts: Parts, epoch: int, *, start: int) -> Iterat
     """This rank's training micro-batches for `epoch`, from micro-batch `start` on (a resumed run)."""
     if parts.feature_cache is not None:
         return parts.feature_cache.batches(epoch=epoch, start_batch=start)
-    from vgclip.data.loader import make_loader
-
     # uint8 pixels travel to the device (a quarter of the bytes) and are normalised there (_to_device).
-    loader = make_loader(ctx.data_dir, "train", ctx.config.data, parts.train_tf, parts.tokenizer, train=True,
-                         seed=ctx.config.train.seed, epoch=epoch, rank=ctx.info.rank,
-                         world_size=ctx.info.world_size, start_batch=start, normalize=False)
+    loader = data_loader.make_loader(ctx.data_dir, "train", ctx.config.data, parts.train_tf, parts.tokenizer,
+                                     train=True, seed=ctx.config.train.seed, epoch=epoch, rank=ctx.info.rank,
+                                     world_size=ctx.info.world_size, start_batch=start, normalize=False)
     ctx.data_report.track(loader)  # its skips and unreadable shards go to the run summary
     return iter(loader)  # the loader keeps its iterator's seed draw out of the global random stream
 
@@ -340,11 +335,9 @@ def _end_of_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Posit
 
 
 def _validate(ctx: RunContext, parts: Parts) -> dict[str, float]:
-    from vgclip.data.loader import make_loader
-
     data_cfg = replace(ctx.config.data, augment=False)
-    batches = make_loader(ctx.val.location, ctx.val.split, data_cfg, parts.eval_tf, parts.tokenizer, train=False,
-                          seed=ctx.config.train.seed, epoch=0)
+    batches = data_loader.make_loader(ctx.val.location, ctx.val.split, data_cfg, parts.eval_tf, parts.tokenizer,
+                                      train=False, seed=ctx.config.train.seed, epoch=0)
     ctx.data_report.track(batches)
     rng = S.rng_state()  # validation must not shift the training random stream
     try:
@@ -369,8 +362,6 @@ def _checkpoint(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Positio
 def _finish(ctx: RunContext, parts: Parts, pos: S.Position, n_train: int, loss: float, val: dict, seconds: float,
             start_step: int) -> TrainSummary:
     """Save the final weights (rank 0) and summarise the run."""
-    from vgclip.model.checkpoint import save_model
-
     best = None
     if ctx.info.is_main:
         save_model(ctx.run_dir, parts.raw, parts.tokenizer, ctx.config)

@@ -22,7 +22,11 @@ import torch
 from torch import nn
 
 from vgclip.config import Config
+from vgclip.data.voc import find_voc_root, load_voc
 from vgclip.errors import VgclipError
+from vgclip.eval.job import run_zeroshot
+from vgclip.eval.zeroshot import ZeroshotOptions, evaluate_zeroshot
+from vgclip.model.weights_file import read_safetensors, write_safetensors
 from vgclip.train import state as S
 
 BEST_WEIGHTS = "best.safetensors"
@@ -50,8 +54,6 @@ def check_val_voc(root: str | Path | None, config: Config) -> ValVoc | None:
             raise VgclipError("train.select_by=zeroshot_map needs --val-voc-root DIR (a held-out VOC-layout folder "
                               "scored zero-shot each epoch)")
         return None
-    from vgclip.data.voc import find_voc_root, load_voc
-
     try:
         found = find_voc_root(root)
         split = VAL_SPLIT if (found / "ImageSets" / "Main" / f"{VAL_SPLIT}.txt").is_file() else FALLBACK_SPLIT
@@ -81,8 +83,6 @@ def zeroshot_map(model: nn.Module, eval_tf, tokenizer, voc: ValVoc, config: Conf
     A scoring problem mid-run is reported, not raised: under DDP the other ranks are waiting at the
     epoch's barrier, and the run's other checkpoints are still worth keeping.
     """
-    from vgclip.eval.zeroshot import ZeroshotOptions, evaluate_zeroshot
-
     options = ZeroshotOptions(tune_split=None, plots=False, num_workers=max(0, min(2, config.data.num_workers)))
     rng = S.rng_state()  # scoring (its loader's worker seeds) must not shift the training random stream
     was_training = model.training
@@ -119,8 +119,6 @@ def keep_best_weights(run_dir: Path, select_by: str) -> dict[str, Any] | None:
 
     Returns the summary's `best` entry, or None (and no best.safetensors) when no checkpoint has the value.
     """
-    from vgclip.model.checkpoint import read_safetensors, write_safetensors
-
     target = run_dir / BEST_WEIGHTS
     found = S.best_checkpoint(run_dir / "checkpoints", select_by)
     if found is None:
@@ -141,9 +139,6 @@ def final_zeroshot(model: nn.Module, eval_tf, tokenizer, config: Config, run_dir
 
     The trained model is saved by then: an evaluation problem is reported, not raised.
     """
-    from vgclip.eval.job import run_zeroshot
-    from vgclip.eval.zeroshot import ZeroshotOptions
-
     out = run_dir / "zeroshot"
     options = ZeroshotOptions(num_workers=config.data.num_workers, checkpoint=str(run_dir))
     try:
