@@ -159,3 +159,27 @@ def test_coco_mini(tmp_path: Path) -> None:
                     got[meta["image_id"]] = len(meta["regions"])
     assert got == {k: v for k, v in expected.items() if v}
     assert manifest["splits"]["val"]["images"] >= 1
+
+
+def test_csv_skips_name_the_file_and_its_line(tmp_path: Path) -> None:
+    """A skipped row is named `FILE:LINE`: 1-based, the header counted, a multi-line caption by its first line."""
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "a.jpg")
+    lines = ["path,caption", "a.jpg,a red square", 'a.jpg,"a caption', 'over two lines"',
+             "a.jpg,A RED SQUARE", "", "only-one-column", "gone.jpg,a missing photo", "a.jpg,\x07"]
+    (tmp_path / "my captions.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run_prepare("--captions-csv", str(tmp_path / "my captions.csv"), "--out", str(out), "--workers", "1",
+                "--quiet", "--val-images", "0")
+    items = json.loads((out / "manifest.json").read_text())["skipped"]["items"]
+    assert {(i["item"], i["reason"]) for i in items} == {
+        ("my captions.csv:5", "phrase_duplicate"), ("my captions.csv:7", "csv_bad_row"),
+        ("my captions.csv:8 (gone.jpg)", "missing_image_file"), ("my captions.csv:9", "phrase_empty")}
+
+
+def test_prepare_help_states_the_csv_format(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    prepare.add_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optional first line 'path,caption'" in text and "relative to the CSV file's folder" in text

@@ -3,6 +3,10 @@
 Writes SHARDS/{train,val}/shard-NNNNNN.tar and SHARDS/manifest.json (docs/design.md). Rerunning
 with the same arguments resumes: complete shards are kept, partial ones rewritten.
 
+--captions-csv FILE: rows `image path,caption` (quote a caption holding the delimiter), first
+line `path,caption` optional; relative paths are relative to FILE's folder. Skips in manifest.json
+name FILE:LINE.
+
 No usable image at all (e.g. --vg-root without its image folders) is an error: nothing is written.
 --format tfrecord writes the same samples as TFRecord files for other tools; `vgclip train` reads
 webdataset shards only.
@@ -28,7 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--vg-root", type=Path, help="Visual Genome folder: image_data.json, "
                      "region_descriptions.json, VG_100K/, VG_100K_2/")
     src.add_argument("--coco-captions", type=Path, help="COCO captions_*.json (needs --coco-images)")
-    src.add_argument("--captions-csv", type=Path, help="CSV/TSV of path,caption rows (paths relative to the file)")
+    src.add_argument("--captions-csv", type=Path, help="UTF-8 CSV (comma or tab; .tsv: tab) of two columns, image "
+                     "path and caption, one caption per row (repeat the path for more); optional first line "
+                     "'path,caption'; relative paths are relative to the CSV file's folder")
     p.add_argument("--coco-images", type=Path, help="folder with the COCO images named in --coco-captions")
     p.add_argument("--out", type=Path, required=True, help="output folder SHARDS")
     p.add_argument("--max-side", type=int, default=512, help="cap on the longer image side in pixels")

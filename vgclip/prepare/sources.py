@@ -15,17 +15,19 @@ from vgclip.prepare.cleaning import CleaningSettings, PhraseDeduper, Skips, clea
 from vgclip.prepare.visual_genome import stream_json_array
 from vgclip.errors import VgclipError
 
+CSV_HEADER = ("path", "caption")  # the optional header line of --captions-csv (any case)
 
-def _clean_captions(item_prefix: str, captions: list[object], settings: CleaningSettings, skips: Skips) -> list[list]:
-    """Clean and de-duplicate one image's captions; return [[phrase], ...]."""
+
+def _clean_captions(labelled: list[tuple[str, object]], settings: CleaningSettings, skips: Skips) -> list[list]:
+    """Clean and de-duplicate one image's (skip label, caption) pairs; return [[phrase], ...]."""
     dedup = PhraseDeduper()
     out = []
-    for n, text in enumerate(captions):
+    for label, text in labelled:
         phrase, reason = clean_phrase(text, settings)
         if phrase is None:
-            skips.add(f"{item_prefix}/caption[{n}]", reason)
+            skips.add(label, reason)
         elif dedup.is_duplicate(phrase):
-            skips.add(f"{item_prefix}/caption[{n}]", "phrase_duplicate")
+            skips.add(label, "phrase_duplicate")
         else:
             out.append([phrase])
     return out
@@ -64,7 +66,8 @@ def _coco_records(captions_json: Path, images_dir: Path, settings: CleaningSetti
             captions.setdefault(ann["image_id"], []).append(ann["caption"])
     for image_id, (file_name, width, height) in images.items():
         item = f"coco:{image_id}"
-        regions = _clean_captions(item, captions.get(image_id, []), settings, skips)
+        labelled = [(f"{item}/caption[{n}]", text) for n, text in enumerate(captions.get(image_id, []))]
+        regions = _clean_captions(labelled, settings, skips)
         path = images_dir / file_name
         if not regions:
             skips.add(item, "no_valid_captions")
@@ -76,7 +79,11 @@ def _coco_records(captions_json: Path, images_dir: Path, settings: CleaningSetti
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number, row) of a CSV/TSV file: tab for .tsv, else sniffed between comma and tab."""
+    """(first line number, row) of a CSV/TSV file: tab for .tsv, else sniffed between comma and tab.
+
+    Line numbers are 1-based lines of the file (the header is line 1); a row whose quoted field spans
+    several lines is numbered by the line it starts on.
+    """
     try:
         fh = open(path, encoding="utf-8-sig", errors="replace", newline="")
     except OSError as exc:
@@ -92,15 +99,18 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             except csv.Error:
                 delimiter = ","
         reader = csv.reader(fh, delimiter=delimiter)
+        ended = 0  # the last line of the previous row
         try:
             for row in reader:
-                yield reader.line_num, row
+                yield ended + 1, row
+                ended = reader.line_num
         except csv.Error as exc:
             raise VgclipError(f"{path}: malformed CSV at line {reader.line_num}: {exc}") from None
 
 
 def iter_csv_records(csv_path: str | Path, settings: CleaningSettings, skips: Skips) -> Iterator[dict]:
-    """Records from a `path,caption` CSV/TSV (optional header; relative paths are relative to the file).
+    """Records from a `path,caption` CSV/TSV: two columns, an optional first line `path,caption`, comma or
+    tab separated (tab for .tsv), UTF-8; relative image paths are relative to the CSV file's folder.
 
     Several rows for the same image become several captions of one record; image ids are assigned
     in order of first appearance (1, 2, ...).
@@ -112,24 +122,25 @@ def iter_csv_records(csv_path: str | Path, settings: CleaningSettings, skips: Sk
 
 
 def _csv_records(csv_path: Path, settings: CleaningSettings, skips: Skips) -> Iterator[dict]:
-    grouped: dict[str, list[object]] = {}
+    name = csv_path.name  # skips name the file and the line: "caps.csv:41 (photos/x.jpg)"
+    grouped: dict[str, list[tuple[int, str]]] = {}
     for line, row in _csv_rows(csv_path):
-        if line == 1 and [c.strip().lower() for c in row] == ["path", "caption"]:
+        if line == 1 and [c.strip().lower() for c in row] == list(CSV_HEADER):
             continue
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != 2 or not row[0].strip():
-            skips.add(f"csv:line {line}", "csv_bad_row")
+            skips.add(f"{name}:{line}", "csv_bad_row")
             continue
-        grouped.setdefault(row[0].strip(), []).append(row[1])
-    for image_id, (rel, texts) in enumerate(grouped.items(), start=1):
-        item = f"csv:{image_id}"
+        grouped.setdefault(row[0].strip(), []).append((line, row[1]))
+    for image_id, (rel, rows) in enumerate(grouped.items(), start=1):
         path = Path(rel) if os.path.isabs(rel) else csv_path.parent / rel
-        regions = _clean_captions(item, texts, settings, skips)
+        regions = _clean_captions([(f"{name}:{line}", text) for line, text in rows], settings, skips)
+        where = f"{name}:{rows[0][0]} ({rel})"
         if not regions:
-            skips.add(item, "no_valid_captions")
+            skips.add(where, "no_valid_captions")
         elif not os.path.isfile(path):
-            skips.add(f"{item} ({rel})", "missing_image_file")
+            skips.add(where, "missing_image_file")
         else:
             yield {"key": f"csv-{image_id:09d}", "image_id": image_id, "source": "csv", "path": str(path),
                    "width": None, "height": None, "regions": regions}
