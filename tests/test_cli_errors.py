@@ -24,6 +24,31 @@ def test_unknown_config_key(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", "tiny", "train.lrr=1"])
     assert code == 2
     assert "unknown config key 'train.lrr'" in _one_line_error(capsys)
+    code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", "tiny", "train.epoch=3"])
+    assert code == 2
+    assert "unknown config key 'train.epoch' (did you mean 'train.epochs'? known keys here:" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(("argv", "hint"), [(["--train.epochs", "3"], "did you mean `train.epochs=3`?"),
+                                           (["--train.epoch=3"], "did you mean `train.epochs=3`?"),
+                                           (["--epochs", "3"], "did you mean `train.epochs=3`?"),
+                                           (["--nonsense"], None)])
+def test_unknown_option_shows_the_commands_usage_and_suggests_an_override(tmp_path, capsys, argv, hint):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: vgclip train ") and "usage: vgclip [" not in err
+    line = [ln for ln in err.splitlines() if "error:" in ln][0]
+    assert line.startswith("vgclip train: error: unrecognized arguments: " + argv[0])
+    assert (hint in line) if hint else "did you mean" not in line
+
+
+def test_unknown_option_of_a_command_without_overrides(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--captions-csv", "x.csv", "--out", str(tmp_path), "--train.epochs", "3"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: vgclip prepare ") and "did you mean" not in err
 
 
 @pytest.mark.parametrize(("override", "message"), [("train.lr=[1", "not valid YAML"),

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from vgclip.config import Config, config_to_dict, load_config, preset_names, save_config
+from vgclip.config import Config, config_keys, config_to_dict, load_config, preset_names, save_config
 from vgclip.errors import ConfigError
 
 
@@ -55,6 +55,28 @@ def test_int_is_accepted_for_a_float_field():
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
+
+
+def test_unknown_key_suggests_a_close_one_and_lists_the_known():
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", ["train.epoch=3"])
+    message = str(info.value)
+    assert "unknown config key 'train.epoch' (did you mean 'train.epochs'?" in message
+    assert "known keys here: " in message and "max_steps" in message
+    with pytest.raises(ConfigError, match="did you mean 'train'"):
+        load_config("tiny", ["trian.epochs=3"])
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", ["train.zzzz=3"])
+    assert "did you mean" not in str(info.value)
+
+
+def test_config_keys_are_the_dotted_override_keys():
+    def flat(tree: dict, prefix: str = "") -> set[str]:
+        return set().union(*(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+                             for k, v in tree.items()))  # fmt: skip
+
+    keys = config_keys()
+    assert set(keys) == flat(config_to_dict(load_config("tiny"))) and "train.epochs" in keys
 
 
 def test_unknown_preset_and_bad_yaml(tmp_path):

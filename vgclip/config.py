@@ -7,6 +7,7 @@ Each part of the program receives only the section it needs (`ModelConfig` for t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -285,6 +286,18 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     return from_dict(Config, raw)
 
 
+def config_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key `key=value` overrides accept (`train.epochs`, `model.image.name`, ...)."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls or Config)
+    for f in dataclasses.fields(cls or Config):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain nested dict (tuples as lists) suitable for YAML or JSON."""
     return _plain(dataclasses.asdict(config))
@@ -304,8 +317,10 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise ConfigError(
-                f"unknown config key '{prefix}{key}' (known keys here: {', '.join(sorted(names))})"
+                f"unknown config key '{prefix}{key}' ({hint}known keys here: {', '.join(sorted(names))})"
             )
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
