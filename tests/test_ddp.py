@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from _train_fixtures import ToyClip, free_port, toy_batches
-from safetensors.torch import load_file, save_file
+from _multiprocess import run_gloo_workers
+from _train_fixtures import ToyClip, toy_batches
 
 from vgclip.model.loss import ClipLoss
 from vgclip.train import distributed as D
@@ -35,32 +32,26 @@ def _global_micro_batches(accum: int):
 CASES = [(1, False), (2, False), (1, True)]  # (accum_steps, local_loss)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    info = D.init_distributed()
-    try:
-        for accum, local_loss in CASES:
-            torch.manual_seed(0)
-            model = D.wrap_model(ToyClip(), info)
-            per_rank, _ = _global_micro_batches(accum)
-            loss = forward_backward(model, ClipLoss(rank=rank, world_size=WORLD, local_loss=local_loss), per_rank[rank],
-                                    autocast=contextlib.nullcontext, all_finite=lambda t: D.all_finite(t, info))
-            grads = {n: p.grad for n, p in model.module.named_parameters()}
-            grads["__loss__"] = torch.tensor(loss)
-            save_file(grads, os.path.join(out_dir, f"{accum}-{local_loss}-rank{rank}.safetensors"))
-        D.barrier(info)  # leave together: tearing gloo down under a peer's collective aborts it
-    finally:
-        D.cleanup(info)
+def _worker(rank: int) -> dict[tuple[int, bool], dict[str, torch.Tensor]]:
+    """This rank's gradients (and loss, as "__loss__") for every case."""
+    info = D.init_distributed()  # from torchrun's variables (tests/_multiprocess.py sets them)
+    out = {}
+    for accum, local_loss in CASES:
+        torch.manual_seed(0)
+        model = D.wrap_model(ToyClip(), info)
+        per_rank, _ = _global_micro_batches(accum)
+        loss = forward_backward(model, ClipLoss(rank=rank, world_size=WORLD, local_loss=local_loss), per_rank[rank],
+                                autocast=contextlib.nullcontext, all_finite=lambda t: D.all_finite(t, info))
+        grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
+        grads["__loss__"] = torch.tensor(loss)
+        out[(accum, local_loss)] = grads
+    return out
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
+def ddp_results() -> list[dict]:
     """Spawn the two gloo processes once for all cases (process start-up dominates the cost)."""
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return out
+    return run_gloo_workers(_worker, WORLD)
 
 
 @pytest.mark.parametrize(("accum", "local_loss"), CASES)
@@ -73,7 +64,7 @@ def test_two_process_gradients_equal_single_process_global_batch(ddp_results, ac
     loss = forward_backward(model, ClipLoss(), merged, autocast=contextlib.nullcontext)
     expected = {n: p.grad for n, p in model.named_parameters()}
 
-    ranks = [load_file(str(ddp_results / f"{accum}-{local_loss}-rank{r}.safetensors")) for r in range(WORLD)]
+    ranks = [ddp_results[r][(accum, local_loss)] for r in range(WORLD)]
     for name, grad in expected.items():
         for r in range(WORLD):  # DDP leaves every rank with the same averaged gradient
             torch.testing.assert_close(ranks[r][name], grad, rtol=1e-4, atol=1e-6, msg=f"rank {r}: {name}")
@@ -84,16 +75,13 @@ def test_two_process_gradients_equal_single_process_global_batch(ddp_results, ac
         assert losses == pytest.approx([loss] * WORLD, rel=1e-5)
 
 
-def _train_worker(rank: int, port: int, shards: str, run: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
-    torch.set_num_threads(1)
+def _train_worker(rank: int, shards: str, run: str) -> dict:
+    os.environ["HF_HUB_OFFLINE"] = "1"
     from vgclip.config import load_config
     from vgclip.train.loop import train
 
     config = load_config("tiny", ["data.num_workers=0", "train.checkpoint_every=1", "train.epochs=2"])
-    summary = train(config, shards, run)
-    (Path(run) / f"summary-{rank}.json").write_text(json.dumps(summary))
+    return train(config, shards, run)
 
 
 @pytest.mark.slow
@@ -102,8 +90,7 @@ def test_training_loop_under_two_processes(tmp_path):
 
     shards = write_shards(tmp_path / "shards", n_train=32, n_val=8, per_shard=8)  # 2 shards per rank
     run = tmp_path / "run"
-    mp.spawn(_train_worker, args=(free_port(), str(shards), str(run)), nprocs=WORLD, join=True)
-    summaries = [json.loads((run / f"summary-{r}.json").read_text()) for r in range(WORLD)]
+    summaries = run_gloo_workers(_train_worker, WORLD, args=(str(shards), str(run)), timeout=400)
     # 16 samples per rank, batch 8: 2 steps per epoch, each over a global batch of 16.
     assert [s["steps"] for s in summaries] == [4, 4]
     assert summaries[0]["samples_seen"] == 64

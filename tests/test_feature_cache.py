@@ -5,13 +5,12 @@ the transform, the decode path and the shards (URLs + manifest for remote ones);
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from _train_fixtures import ToyClip, free_port, write_shards
+from _multiprocess import run_gloo_workers
+from _train_fixtures import ToyClip, write_shards
 from safetensors.torch import load_file
 
 from vgclip.config import load_config
@@ -41,24 +40,18 @@ def _build(shards: Path, run: Path, info: D.DistInfo, workers: int = 0, seed: in
                                eval_tf=EVAL_TF, tokenizer=lambda texts: {"n": torch.zeros(len(texts))}, info=info)
 
 
-def _rank_worker(rank: int, port: int, shards: str, root: str) -> None:
+def _rank_worker(rank: int, shards: str, root: str) -> list[dict]:
     """Both 2-rank scenarios in one process group (starting processes dominates the cost):
-    a build into a shared folder, then per-node folders where rank 1's holds a stale cache."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # as the reference build: the same float reduction order
-    info = D.init_distributed()
+    a build into a shared folder, then per-node folders where rank 1's holds a stale cache.
+    One torch thread per rank (tests/_multiprocess.py), as the reference build: the same float reduction order."""
+    info = D.init_distributed()  # from torchrun's variables (tests/_multiprocess.py sets them)
     results = []
-    try:
-        for run in (Path(root, "shared"), Path(root, f"node{rank}")):
-            try:
-                results.append({"rows": len(_build(Path(shards), run, info, workers=1))})
-            except VgclipError as exc:
-                results.append({"error": str(exc)})
-        D.barrier(info)
-    finally:
-        D.cleanup(info)
-    Path(root, f"rank{rank}.json").write_text(json.dumps(results))
+    for run in (Path(root, "shared"), Path(root, f"node{rank}")):
+        try:
+            results.append({"rows": len(_build(Path(shards), run, info, workers=1))})
+        except VgclipError as exc:
+            results.append({"error": str(exc)})
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +64,8 @@ def shards(tmp_path_factory) -> Path:
 def two_ranks(shards, tmp_path_factory) -> tuple[Path, list[list[dict]]]:
     root = tmp_path_factory.mktemp("two-ranks")
     _build(shards, root / "node1", D.DistInfo(), seed=1)  # rank 1's per-node folder: a cache of another tower
-    ctx = mp.start_processes(_rank_worker, args=(free_port(), str(shards), str(root)), nprocs=2, join=False,
-                             start_method="spawn")
-    for proc in ctx.processes:
-        proc.join(timeout=240)
-    alive = [p for p in ctx.processes if p.is_alive()]
-    for proc in alive:
-        proc.kill()
-    assert not alive, "the 2-rank builds did not finish in time"
-    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    # Fails if a rank raises, dies or runs past the time limit.
+    return root, run_gloo_workers(_rank_worker, 2, args=(str(shards), str(root)), timeout=240)
 
 
 @pytest.mark.slow

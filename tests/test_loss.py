@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from _train_fixtures import free_port
+from _multiprocess import run_gloo_workers
 
 from vgclip.model.loss import ClipLoss
 
@@ -65,28 +63,22 @@ def test_a_world_size_without_its_process_group_is_an_error():
         ClipLoss(rank=2, world_size=2)
 
 
-def _worker(rank: int, world: int, port: int, images, texts, results) -> None:
+def _worker(rank: int, world: int, images, texts) -> list[tuple]:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        batch = images.shape[0] // world
-        part = slice(rank * batch, (rank + 1) * batch)
-        for local in (False, True):
-            img = images[part].clone().requires_grad_(True)
-            txt = texts[part].clone().requires_grad_(True)
-            loss = ClipLoss(rank=rank, world_size=world, local_loss=local)(img, txt, 5.0)
-            loss.backward()
-            # Plain lists: shared-memory tensors would vanish with this process.
-            results.put((rank, local, loss.item(), img.grad.tolist(), txt.grad.tolist()))
-        # Inside a process group, the default loss still contrasts only what it is given (validation).
-        results.put((rank, None, ClipLoss()(images[part], texts[part], 5.0).item(), None, None))
-        # Leave together: a rank that tears gloo down while its peer is still finishing the last
-        # all_gather makes that peer abort ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    dist.init_process_group("gloo")  # from torchrun's variables (tests/_multiprocess.py sets them)
+    batch = images.shape[0] // world
+    part = slice(rank * batch, (rank + 1) * batch)
+    out = []
+    for local in (False, True):
+        img = images[part].clone().requires_grad_(True)
+        txt = texts[part].clone().requires_grad_(True)
+        loss = ClipLoss(rank=rank, world_size=world, local_loss=local)(img, txt, 5.0)
+        loss.backward()
+        out.append((rank, local, loss.item(), img.grad.tolist(), txt.grad.tolist()))
+    # Inside a process group, the default loss still contrasts only what it is given (validation).
+    out.append((rank, None, ClipLoss()(images[part], texts[part], 5.0).item(), None, None))
+    return out
 
 
 def test_distributed_loss_covers_the_global_batch():
@@ -94,16 +86,9 @@ def test_distributed_loss_covers_the_global_batch():
     world = 2
     images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, images, texts, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = [results.get(timeout=120) for _ in range(3 * world)]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    # run_gloo_workers fails the test if a rank raises, dies, or does not exit with code 0.
+    got = [row for rows in run_gloo_workers(_worker, world, args=(world, images, texts)) for row in rows]
+    assert len(got) == 3 * world
     img = images.clone().requires_grad_(True)
     txt = texts.clone().requires_grad_(True)
     reference = ClipLoss()(img, txt, 5.0)

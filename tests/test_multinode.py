@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import free_port, write_shards
+from _multiprocess import Launcher
+from _train_fixtures import write_shards
 from safetensors.torch import load_file
 
 # 4 ranks x batch 4 over 48 images in shards of 10 (the last one 8): 3 steps, no validation split to wait on.
@@ -28,11 +28,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(launch: list[str], shards: Path, run: Path) -> subprocess.Popen:
+def _torchrun(launcher: Launcher, launch: list[str], shards: Path, run: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "vgclip.cli", "train", "--data",
            str(shards), "--out", str(run), "--config", "tiny", *OVERRIDES]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return launcher.start(cmd, _env())
 
 
 def _nodes(nproc: int, port: int) -> list[str]:
@@ -41,20 +40,13 @@ def _nodes(nproc: int, port: int) -> list[str]:
             "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"vgclip-test-{port}"]
 
 
-def _wait(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
-    """(return code, stderr) of each launcher; kills all of them (and their workers) past the time limit."""
-    deadline = time.monotonic() + TIMEOUT_S
-    results = []
-    try:
-        for proc in procs:
-            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((proc.returncode, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-    return results
+def _rendezvous_port(launcher: Launcher) -> int:
+    """The port of a rendezvous store this test serves, bound before any launcher is told about it.
+
+    Both launchers see 127.0.0.1 as their own address, try to host the store there, find the port taken
+    and join as clients: the way the second launcher of the pair joins when the first one hosts. A port
+    picked free and bound later by a launcher could be taken by another process in between."""
+    return launcher.store().port
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +58,12 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_launchers_of_two_equal_one_launcher_of_four_bit_for_bit(shards, tmp_path):
-    port = free_port()
-    procs = [_torchrun(_nodes(2, port), shards, tmp_path / "two-nodes") for _ in range(2)]
-    procs.append(_torchrun(["--standalone", "--nproc_per_node", "4"], shards, tmp_path / "one-node"))
-    for code, err in _wait(procs):
-        assert code == 0, err[-3000:]
+    with Launcher(tmp_path / "logs") as launcher:
+        port = _rendezvous_port(launcher)
+        procs = [_torchrun(launcher, _nodes(2, port), shards, tmp_path / "two-nodes") for _ in range(2)]
+        procs.append(_torchrun(launcher, ["--standalone", "--nproc_per_node", "4"], shards, tmp_path / "one-node"))
+        for end in launcher.wait(procs, timeout=TIMEOUT_S):
+            assert end.returncode == 0, end.stderr[-3000:]
     a = load_file(str(tmp_path / "two-nodes" / "model.safetensors"))
     b = load_file(str(tmp_path / "one-node" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -82,9 +75,11 @@ def test_two_launchers_of_two_equal_one_launcher_of_four_bit_for_bit(shards, tmp
 
 @pytest.mark.slow
 def test_a_run_folder_the_nodes_do_not_share_fails_with_one_line(shards, tmp_path):
-    port = free_port()  # each "node" gets its own folder, as node-local disks under the same path would
-    procs = [_torchrun(_nodes(1, port), shards, tmp_path / f"node{n}" / "run") for n in range(2)]
-    results = _wait(procs)
+    with Launcher(tmp_path / "logs") as launcher:
+        port = _rendezvous_port(launcher)
+        # Each "node" gets its own folder, as node-local disks under the same path would.
+        procs = [_torchrun(launcher, _nodes(1, port), shards, tmp_path / f"node{n}" / "run") for n in range(2)]
+        results = [(end.returncode, end.stderr) for end in launcher.wait(procs, timeout=TIMEOUT_S)]
     assert all(code != 0 for code, _ in results)
     for _, err in results:
         assert "do not see the run folder rank 0 writes" in err, err[-3000:]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _train_fixtures import ToyClip, free_port, toy_batches
+from _multiprocess import run_gloo_workers
+from _train_fixtures import ToyClip, toy_batches
 
 from vgclip.config import load_config
 from vgclip.errors import ConfigError
@@ -163,38 +162,27 @@ WORLD, PER_RANK = 2, 3
 GLOBAL_KEYS = torch.tensor([11, 22, 11, 33, 22, 44])
 
 
-def _worker(rank: int, port: int, images, texts, results) -> None:
+def _worker(rank: int, images, texts) -> list[tuple]:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        for local in (False, True):
-            img = images[part].clone().requires_grad_(True)
-            txt = texts[part].clone().requires_grad_(True)
-            loss_fn = ClipLoss(rank=rank, world_size=WORLD, local_loss=local, multi_positive=True)
-            loss = loss_fn(img, txt, 5.0, GLOBAL_KEYS[part].clone())
-            loss.backward()
-            results.put((rank, local, loss.item(), img.grad.tolist(), txt.grad.tolist()))
-        dist.barrier()  # leave together (see test_loss.py)
-    finally:
-        dist.destroy_process_group()
+    dist.init_process_group("gloo")  # from torchrun's variables (tests/_multiprocess.py sets them)
+    part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    out = []
+    for local in (False, True):
+        img = images[part].clone().requires_grad_(True)
+        txt = texts[part].clone().requires_grad_(True)
+        loss_fn = ClipLoss(rank=rank, world_size=WORLD, local_loss=local, multi_positive=True)
+        loss = loss_fn(img, txt, 5.0, GLOBAL_KEYS[part].clone())
+        loss.backward()
+        out.append((rank, local, loss.item(), img.grad.tolist(), txt.grad.tolist()))
+    return out
 
 
 def test_distributed_multi_positive_loss_uses_the_gathered_keys():
     images, texts = _unit(WORLD * PER_RANK, seed=5), _unit(WORLD * PER_RANK, seed=6)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, images, texts, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got = [results.get(timeout=120) for _ in range(2 * WORLD)]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    # run_gloo_workers fails the test if a rank raises, dies, or does not exit with code 0.
+    got = [row for rows in run_gloo_workers(_worker, WORLD, args=(images, texts)) for row in rows]
+    assert len(got) == 2 * WORLD
     img, txt = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
     reference = ClipLoss(multi_positive=True)(img, txt, 5.0, GLOBAL_KEYS)
     reference.backward()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import free_port, write_shards
+from _multiprocess import Launcher, rank_env
+from _train_fixtures import write_shards
 from safetensors.torch import load_file
 
 WORLD = 2
@@ -24,61 +25,51 @@ OVERRIDES = ["data.num_workers=0", "data.batch_size=4", "train.epochs=2", "train
 TIMEOUT_S = 240
 
 
-def _launch(shards: Path, run: Path, *extra: str) -> list[subprocess.Popen]:
-    """The two processes torchrun would start (its environment variables), each in its own session."""
-    port = free_port()
+def _launch(launcher: Launcher, shards: Path, run: Path, *extra: str) -> list[subprocess.Popen]:
+    """The two processes torchrun would start (its environment variables, its agent's store on a port the
+    kernel picked), each in its own session."""
+    store = launcher.store(WORLD)
     procs = []
     for rank in range(WORLD):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
+               **rank_env(rank, WORLD, store)}
         cmd = [sys.executable, "-m", "vgclip.cli", "train", "--data", str(shards), "--out", str(run),
                "--config", "tiny", *extra, *OVERRIDES]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
+        procs.append(launcher.start(cmd, env))
     return procs
 
 
-def _wait(procs: list[subprocess.Popen]) -> list[str]:
-    """Each process's stdout; fails (after killing the rest) if one fails or runs past the time limit."""
-    outs = []
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            assert proc.returncode == 0, err[-3000:]
-            outs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return outs
+def _stdouts(launcher: Launcher, procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's stdout; fails (the launcher kills the rest) if one fails or runs past the time limit."""
+    ends = launcher.wait(procs, timeout=TIMEOUT_S)
+    for end in ends:
+        assert end.returncode == 0, end.stderr[-3000:]
+    return [end.stdout for end in ends]
 
 
 @pytest.mark.slow
 def test_two_process_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     shards = write_shards(tmp_path / "shards", n_train=32, n_val=8, per_shard=8)  # 2 shards per rank
-    straight = _launch(shards, tmp_path / "straight")  # the reference runs alongside the killed one
-    killed = tmp_path / "killed"
-    procs = _launch(shards, killed)
-    first = killed / "checkpoints" / "step-2" / "state.json"
-    deadline = time.monotonic() + TIMEOUT_S
-    while not first.is_file() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for proc in procs:  # a node failure: every process dies at once, nothing is flushed
-        proc.send_signal(signal.SIGKILL)
-    for proc in procs:
-        proc.communicate(timeout=60)
-    assert [p.returncode for p in procs] == [-signal.SIGKILL] * WORLD, "training ended before it could be killed"
-    assert not (killed / "model.safetensors").exists()
-    position = json.loads(first.read_text())["position"]
-    assert position["epoch"] == 0 and position["batch_in_epoch"] == 2  # mid-epoch
+    with Launcher(tmp_path / "logs") as launcher:
+        straight = _launch(launcher, shards, tmp_path / "straight")  # the reference runs alongside the killed one
+        killed = tmp_path / "killed"
+        procs = _launch(launcher, shards, killed)
+        first = killed / "checkpoints" / "step-2" / "state.json"
+        deadline = time.monotonic() + TIMEOUT_S
+        while not first.is_file() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for proc in procs:  # a node failure: every process dies at once, nothing is flushed
+            proc.send_signal(signal.SIGKILL)
+        ends = launcher.wait(procs, timeout=60)
+        assert [e.returncode for e in ends] == [-signal.SIGKILL] * WORLD, "training ended before it could be killed"
+        assert not (killed / "model.safetensors").exists()
+        position = json.loads(first.read_text())["position"]
+        assert position["epoch"] == 0 and position["batch_in_epoch"] == 2  # mid-epoch
 
-    outs = _wait(_launch(shards, killed, "--resume", "latest"))
-    summaries = [json.loads(out.strip().splitlines()[-1]) for out in outs]
-    assert [s["steps"] for s in summaries] == [8, 8] and summaries[0]["steps_this_session"] == 6
-    _wait(straight)
+        outs = _stdouts(launcher, _launch(launcher, shards, killed, "--resume", "latest"))
+        summaries = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+        assert [s["steps"] for s in summaries] == [8, 8] and summaries[0]["steps_this_session"] == 6
+        _stdouts(launcher, straight)
 
     a = load_file(str(killed / "model.safetensors"))
     b = load_file(str(tmp_path / "straight" / "model.safetensors"))
