@@ -15,7 +15,7 @@ from PIL import Image
 
 from vgclip.commands import prepare
 from vgclip.prepare.cleaning import CleaningSettings, clean_phrase
-from vgclip.data.images import BadImageError, open_image_checked
+from vgclip.data.images import BadImageError, open_image, open_image_checked, pil_detail
 from vgclip.prepare.visual_genome import stream_json_array
 from vgclip.errors import VgclipError
 
@@ -155,6 +155,22 @@ def test_pillow_decompression_bomb_is_caught(tmp_path: Path, monkeypatch: pytest
         with pytest.raises(BadImageError) as info:
             open_image_checked(tmp_path / "a.jpg", max_pixels=10**9)
         assert info.value.reason == "too_many_pixels"
+
+
+def test_image_errors_name_the_file_not_pillows_buffer(tmp_path: Path) -> None:
+    (tmp_path / "notes.jpg").write_text("this is text, not a JPEG")
+    expected = "../notes.jpg: not_an_image (not a JPEG, PNG, GIF, BMP, WEBP or TIFF image)"
+    for source in (b"this is text, not a JPEG", tmp_path / "notes.jpg"):  # bytes (serve, predict) or a path
+        with pytest.raises(BadImageError) as info:
+            open_image(source, "../notes.jpg")
+        assert str(info.value) == expected
+    from vgclip.serve.engine import check_upload
+
+    with pytest.raises(BadImageError, match="^notes.jpg: not_an_image \\(not a JPEG") as info:
+        check_upload("notes.jpg", b"GIF89a" + b"\0" * 10, 10**6)  # a truncated header: no format Pillow knows
+    assert "BytesIO" not in str(info.value) and len(str(info.value).splitlines()) == 1
+    leaky = OSError("broken data stream when reading image file <_io.BytesIO object at 0x7f3a2c1b9e50>\nmore")
+    assert pil_detail(leaky) == "broken data stream when reading image file more"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

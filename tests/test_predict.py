@@ -78,6 +78,7 @@ def test_unreadable_image_is_one_line_error(run_dir: Path, images: list[Path], t
     assert main(["predict", "--checkpoint", str(run_dir), "--labels", "cat", str(images[0]), str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "notes.jpg" in err and "cannot read image" in err
+    assert "BytesIO" not in err and err.endswith("notes.jpg: not_an_image (not a JPEG, PNG, GIF, BMP, WEBP or TIFF image)")
 
 
 def test_read_labels(tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vgclip.errors import VgclipError
 
@@ -40,6 +41,15 @@ class BadImageError(VgclipError):
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
+def pil_detail(exc: BaseException) -> str:
+    """Pillow's message as one line without the object it read from (`<_io.BytesIO object at 0x...>` or the path,
+    which the error names already); an unknown format reads as the formats that were allowed."""
+    if isinstance(exc, UnidentifiedImageError):
+        return f"not a {', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]} image"
+    text = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(exc))
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def check_pixel_count(name: str | Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Refuse an image from its header's (width, height) alone, before anything is decoded."""
     width, height = size
@@ -62,7 +72,7 @@ def open_image(source: str | Path | bytes, name: str | Path, max_pixels: int = D
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(name, "too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
-        raise BadImageError(name, "not_an_image", str(exc)) from None
+        raise BadImageError(name, "not_an_image", pil_detail(exc)) from None
     try:
         check_pixel_count(name, img.size, max_pixels)
     except BadImageError:
@@ -84,7 +94,7 @@ def load_image(img: Image.Image, name: str | Path) -> None:
         # stream; both mean the file is incomplete.
         message = str(exc).lower()
         reason = "truncated" if "truncat" in message or "broken" in message else "decode_error"
-        raise BadImageError(name, reason, str(exc)) from None
+        raise BadImageError(name, reason, pil_detail(exc)) from None
 
 
 def open_image_checked(

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from vgclip.data.decoding import decode_image
-from vgclip.data.images import ALLOWED_FORMATS, BadImageError
+from vgclip.data.images import ALLOWED_FORMATS, BadImageError, pil_detail
 from vgclip.data.views import encode_views, unit_image_encoder
 from vgclip.eval.prompts import build_text_classifier, templates_for
 from vgclip.eval.scoring import logit_scale_of, score_embeddings
@@ -54,7 +54,7 @@ def check_upload(name: str, data: bytes, max_pixels: int) -> None:
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(name, "too_many_pixels", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
-        raise BadImageError(name, "not_an_image", str(exc)) from None
+        raise BadImageError(name, "not_an_image", pil_detail(exc)) from None
     if width * height > max_pixels:
         raise ImageTooLargeError(name, "too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
 
