@@ -78,6 +78,7 @@ def test_defaults_come_from_the_report_thresholds(served) -> None:
     labels = client.get("/api/labels").json()
     assert labels["labels"] == info["classes"] and labels["score"] == "sigmoid"
     assert labels["thresholds"] == pytest.approx(info["per_class"])
+    assert labels["global_threshold"] == pytest.approx(info["global"])  # where the tag page's slider starts
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["report"] is True and health["rss_bytes"] > 0
 
@@ -100,6 +101,7 @@ def test_bad_input_answers(served, images: list[Path], tmp_path: Path) -> None:
     text.write_text("not an image")
     bad = _post(client, [images[0], text], "a")
     assert bad.status_code == 415 and "notes.jpg" in bad.json()["detail"]
+    assert "BytesIO" not in bad.json()["detail"]
     wide = tmp_path / "wide.png"
     Image.new("L", (2000, 600)).save(wide)  # 1.2 Mpx > the 1 Mpx this server accepts; a few KB on the wire
     big = _post(client, [wide], "a")
@@ -212,3 +214,46 @@ def test_pages_and_api_docs_need_no_internet(served) -> None:
             if url.endswith((".js", ".css")):
                 assert client.get(url).status_code == 200, url
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_labels_the_file_lacks_take_its_global_threshold_with_warnings(served, images: list[Path]) -> None:
+    client, _, report, _ = served
+    info = json.loads((report / "thresholds.json").read_text())
+    first = info["classes"][0]
+    out = _post(client, images[:1], f"{first}, tree").json()  # the file's score kind and templates
+    assert out["thresholds"] == pytest.approx({first: info["per_class"][first], "tree": info["global"]})
+    assert len(out["warnings"]) == 1 and "no threshold for 'tree'" in out["warnings"][0]
+    same = _post(client, images[:1], ",".join(info["classes"])).json()
+    assert same["warnings"] == [] and same["thresholds"] == pytest.approx(info["per_class"])
+    other = _post(client, images[:1], f"{first}, tree", score="softmax").json()
+    assert other["thresholds"] is None and "not applied" in other["warnings"][0]
+
+
+def test_file_thresholds_rule_as_vgclip_predict() -> None:
+    from test_predict_labels import VOC_LIKE
+
+    from vgclip.serve.app import ServeOptions, file_thresholds, scoring_texts
+
+    options = ServeOptions(list(VOC_LIKE["classes"]), "softmax", "single", tuned={**VOC_LIKE, "score": "softmax"},
+                           class_texts={**VOC_LIKE["class_texts"], "tvmonitor": "television"},
+                           labels_source="t.json")  # fmt: skip
+    limits, notes = file_thresholds(["dining table", "tv monitor", "tree"], "softmax", "single", options)
+    assert limits == [0.2, 0.4, 0.1518] and "'tree'" in notes[0] and "softmax scores depend" in notes[1]
+    assert scoring_texts(["dining table", "tv monitor", "tvmonitor", "tree"], options) == \
+        ["dining table", "television", "television", "tree"]  # the texts the classes were tuned with
+    options.tuned = {k: v for k, v in options.tuned.items() if k != "global"}
+    with pytest.raises(Exception, match="no global threshold.*the thresholds field"):
+        file_thresholds(["tree"], "softmax", "single", options)
+
+
+def test_missing_fields_are_one_readable_message(served, images: list[Path]) -> None:
+    client = served[0]
+    files = [("images", (images[0].name, images[0].read_bytes()))]
+    for data in ({}, {"labels": ""}):
+        answer = client.post("/api/predict", files=files, data=data)
+        assert answer.status_code == 422 and answer.json() == {"detail": "the label list is empty: give labels "
+                                                               "separated by commas or one per line"}  # fmt: skip
+    nothing = client.post("/api/predict", data={"labels": "a"})
+    assert nothing.status_code == 422 and nothing.json()["detail"].startswith("no image uploaded")
+    bad = client.post("/api/report/tune", json={"objective": ["f1"]})
+    assert bad.status_code == 422 and isinstance(bad.json()["detail"], str) and "objective" in bad.json()["detail"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -22,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     labels.add_argument("--labels-file", type=Path,
                         help="file with one label per line (whole lines; blank lines and # comments skipped)")
     thr = p.add_mutually_exclusive_group()
-    thr.add_argument("--thresholds", type=Path, help="thresholds.json from `vgclip zeroshot`")
+    thr.add_argument("--thresholds", type=Path,
+                     help="thresholds.json from `vgclip zeroshot`; a label is matched to a class by its name or its "
+                     "class text ('dining table' for diningtable), others get the file's global threshold")
     thr.add_argument("--threshold", type=float, help="one threshold for every label")
     p.add_argument("--score", choices=("softmax", "sigmoid", "cosine"),
                    help="score kind (default: the thresholds file's, else eval.score of the run)")  # fmt: skip
@@ -34,7 +37,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-
 def run(args: argparse.Namespace) -> int:
     """Load the run, score the images, print a table or JSON."""
     import vgclip
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels, args.labels_file)
     settings = predict_settings(args.checkpoint, labels, thresholds_file=args.thresholds, threshold=args.threshold,
                                 score=args.score, templates=args.templates)
+    for note in settings.notices:
+        print(f"vgclip predict: {note}", file=sys.stderr)
     model, image_transform, tokenizer = vgclip.load_checkpoint(args.checkpoint)
     results = predict(model, image_transform, tokenizer, args.images, labels, score=settings.score,
                       templates=settings.templates, thresholds=settings.thresholds,

@@ -3,7 +3,6 @@ pick each image's label set (score >= threshold, else the top label)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +14,25 @@ import torch
 from vgclip.errors import VgclipError
 from vgclip.eval.prompts import build_text_classifier, readable_name, templates_for
 from vgclip.eval.scoring import encode_images, logit_scale_of, score_embeddings
-from vgclip.eval.thresholds import load_thresholds, threshold_vector
+from vgclip.eval.thresholds import LabelThresholds, label_thresholds, load_thresholds
 from vgclip.model.checkpoint import checkpoint_eval_config
 from vgclip.names import read_name_file, split_comma_list
 
-__all__ = ["PredictSettings", "format_table", "predict", "predict_settings", "read_labels"]
+__all__ = ["PredictSettings", "format_table", "predict", "predict_settings", "read_labels", "threshold_notes"]
 
 
 @dataclass(frozen=True)
 class PredictSettings:
     """How `vgclip predict` and `vgclip serve` score a label set: the score kind, prompt templates, crops,
-    a threshold per label (None: predict the top label) and class texts (None: the labels themselves)."""
+    a threshold per label (None: predict the top label), class texts (None: the labels themselves) and
+    notices about how the thresholds file fits the labels (one line each)."""
 
     score: str
     templates: str
     crops: str
     thresholds: list[float] | None = None
     texts: dict[str, str] | None = None
+    notices: tuple[str, ...] = ()
 
 
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
@@ -83,32 +84,43 @@ def predict(
     return results
 
 
+def threshold_notes(info: dict[str, Any], applied: LabelThresholds, score: str, source: str) -> list[str]:
+    """One line per thing to tell about a thresholds file applied to a label list: the labels it has no value
+    for (they took its global threshold), and softmax scores on a label set other than the tuned one."""
+    notes = []
+    if applied.fallback:
+        notes.append(f"notice: {source} has no threshold for {', '.join(map(repr, applied.fallback))}: "
+                     f"they use its global threshold {float(info['global']):.4g}")  # fmt: skip
+    if score == "softmax" and not applied.same_label_set(info):
+        notes.append("warning: softmax scores depend on the label set, which differs from the one the "
+                     "thresholds were tuned on")  # fmt: skip
+    return notes
+
+
 def predict_settings(checkpoint: str | Path, labels: Sequence[str], *, thresholds_file: Path | None = None,
                      threshold: float | None = None, score: str | None = None,
                      templates: str | None = None) -> PredictSettings:
     """Score kind, templates, crops, per-label thresholds and class texts: explicit choices first, then the
-    thresholds file, then the run's config. A choice that contradicts the thresholds file is an error."""
+    thresholds file, then the run's config. A choice that contradicts the thresholds file is an error.
+    A label the file does not name (by class name or class text) gets the file's global threshold."""
     eval_cfg = checkpoint_eval_config(checkpoint, [])
     kind, prompts, crops = eval_cfg.score, eval_cfg.templates, eval_cfg.crops
-    limits: list[float] | None = None
-    texts: dict[str, str] | None = None
-    if thresholds_file is not None:
-        info = load_thresholds(thresholds_file)
-        for key, flag in (("score", score), ("templates", templates)):
-            saved = info.get(key)
-            if flag and saved and flag != saved:
-                raise VgclipError(f"{thresholds_file} was tuned with {key}={saved}; --{key} {flag} would not match it")
-        kind, prompts = info.get("score") or kind, info.get("templates") or prompts
-        # The scores the thresholds were tuned on came from these crops (files from before eval.crops: centre).
-        crops = info.get("crops", "centre")
-        limits = threshold_vector(info, labels).tolist()
-        texts = info.get("class_texts")
-        if kind == "softmax" and set(labels) != set(info.get("classes", labels)):
-            print("vgclip predict: warning: softmax scores depend on the label set, which differs from the one the "
-                  "thresholds were tuned on", file=sys.stderr)  # fmt: skip
-    elif threshold is not None:
-        limits = [threshold] * len(labels)
-    return PredictSettings(score or kind, templates or prompts, crops, limits, texts)
+    if thresholds_file is None:
+        limits = None if threshold is None else [threshold] * len(labels)
+        return PredictSettings(score or kind, templates or prompts, crops, limits)
+    info = load_thresholds(thresholds_file)
+    for key, flag in (("score", score), ("templates", templates)):
+        saved = info.get(key)
+        if flag and saved and flag != saved:
+            raise VgclipError(f"{thresholds_file} was tuned with {key}={saved}; --{key} {flag} would not match it")
+    kind, prompts = info.get("score") or kind, info.get("templates") or prompts
+    # The scores the thresholds were tuned on came from these crops (files from before eval.crops: centre).
+    crops = info.get("crops", "centre")
+    applied = label_thresholds(info, labels, str(thresholds_file))
+    # A label that names a class by its text is scored with that class's recorded text, as it was tuned.
+    texts = {**(info.get("class_texts") or {}), **applied.texts}
+    notes = threshold_notes(info, applied, kind, str(thresholds_file))
+    return PredictSettings(kind, prompts, crops, applied.values, texts, tuple(notes))
 
 
 def format_table(results: list[dict[str, Any]], labels: Sequence[str]) -> str:

@@ -141,6 +141,60 @@ def threshold_vector(info: dict[str, Any], classes: Sequence[str]) -> np.ndarray
     return np.array([float(info["per_class"][c]) for c in classes])
 
 
+@dataclass(frozen=True)
+class LabelThresholds:
+    """A thresholds file applied to a label list: per label its threshold and the file's class it names
+    (None: the file does not cover it), the class text that class was scored with, and the labels that
+    took the file's global threshold because the file has no value of their own (per_class files only)."""
+
+    labels: list[str]
+    values: list[float]
+    classes: list[str | None]
+    texts: dict[str, str]
+    fallback: list[str]
+
+    def same_label_set(self, info: dict[str, Any]) -> bool:
+        """Whether the labels are exactly the classes the file was tuned on (each once)."""
+        return None not in self.classes and sorted(map(str, self.classes)) == sorted(_classes_of(info))
+
+
+def _classes_of(info: dict[str, Any]) -> list[str]:
+    return list(info.get("classes") or info["per_class"])
+
+
+def _key(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def match_class(info: dict[str, Any], label: str) -> str | None:
+    """The file's class that `label` names: a class name, else a class name or recorded class text equal to it
+    with case and spacing ignored ("dining table" names `diningtable` when that is its text); None if none."""
+    classes = _classes_of(info)
+    if label in classes:
+        return label
+    texts, wanted = info.get("class_texts") or {}, _key(label)
+    by_name = [c for c in classes if _key(c) == wanted]
+    by_text = [c for c in classes if isinstance(texts.get(c), str) and _key(texts[c]) == wanted]
+    return (by_name or by_text or [None])[0]
+
+
+def label_thresholds(info: dict[str, Any], labels: Sequence[str], source: str = "the thresholds file") -> LabelThresholds:
+    """Thresholds for `labels` from a loaded file: a label matched to a class (`match_class`) gets that class's
+    value; any other label gets the file's global threshold, or an error when the file has none."""
+    classes = [match_class(info, lab) for lab in labels]
+    per_class = info["per_class"] if info["mode"] == "per_class" else {}
+    fallback = [lab for lab, c in zip(labels, classes) if info["mode"] == "per_class" and c not in per_class]
+    glob = info.get("global")
+    if fallback and not isinstance(glob, (int, float)):
+        quoted, tuned = ", ".join(map(repr, fallback)), ", ".join(map(repr, per_class))
+        raise VgclipError(f"thresholds have no value for {quoted} (tuned classes: {tuned}) and {source} has no "
+                          "global threshold for them: use --threshold T for one threshold for every label")  # fmt: skip
+    values = [float(per_class[c]) if c in per_class else float(glob) for c in classes]
+    recorded = info.get("class_texts") or {}
+    texts = {lab: recorded[c] for lab, c in zip(labels, classes) if isinstance(recorded.get(c), str)}
+    return LabelThresholds(list(labels), values, classes, texts, fallback)
+
+
 def save_thresholds(info: dict[str, Any], path: str | Path) -> None:
     """Write thresholds JSON atomically."""
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
@@ -156,10 +210,11 @@ def load_thresholds(path: str | Path) -> dict[str, Any]:
     ok = (
         isinstance(info, dict)
         and info.get("mode") in MODES
-        and isinstance(info.get("global"), (int, float))
+        and (isinstance(info.get("global"), (int, float)) or (info["mode"] == "per_class" and info.get("global") is None))
         and isinstance(info.get("per_class"), dict)
         and all(isinstance(v, (int, float)) for v in info["per_class"].values())
     )
     if not ok:
-        raise VgclipError(f"{path}: not a vgclip thresholds file (needs mode, global, per_class)")
+        raise VgclipError(f"{path}: not a vgclip thresholds file (needs mode, global, per_class; only a per_class "
+                          "file may leave global out)")  # fmt: skip
     return info

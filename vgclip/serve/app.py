@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from vgclip.data.images import BadImageError
 from vgclip.errors import VgclipError
+from vgclip.eval.predict import threshold_notes
 from vgclip.eval.prompts import readable_name
+from vgclip.eval.thresholds import label_thresholds, match_class
 from vgclip.serve import report as rep
 from vgclip.serve.auth import AccessGuard
 from vgclip.serve.engine import ImageTooLargeError, ScoringEngine, decode_upload, predicted_set
@@ -46,6 +49,7 @@ class ServeOptions:
     score: str
     templates: str
     thresholds: dict[str, float] | None = None  # per default label, from a thresholds file
+    tuned: dict[str, Any] | None = None  # that thresholds file (labels it does not name get its global value)
     class_texts: dict[str, str] | None = None
     labels_source: str = "the 20 VOC classes"
     crops: str = "centre"  # eval.crops the engine's transform applies (fixed at start: thresholds were tuned on it)
@@ -93,12 +97,10 @@ def parse_labels(text: str) -> list[str]:
     return names
 
 
-def parse_thresholds(text: str | None, labels: list[str], options: ServeOptions) -> list[float] | None:
-    """A number (global), a JSON object label -> value, or nothing: the start-time thresholds when they
-    cover every label, else none (then the top label is predicted, as `vgclip predict` does)."""
+def parse_thresholds(text: str | None, labels: list[str]) -> list[float] | None:
+    """A number (one for every label), a JSON object label -> value, or None when the field is empty."""
     if text is None or not text.strip():
-        known = options.thresholds or {}
-        return [known[lab] for lab in labels] if known and all(lab in known for lab in labels) else None
+        return None
     try:
         value = json.loads(text)
     except ValueError:
@@ -117,6 +119,48 @@ def parse_thresholds(text: str | None, labels: list[str], options: ServeOptions)
     if not all(math.isfinite(v) for v in values):
         raise HTTPException(422, "thresholds must be finite numbers")
     return [float(v) for v in values]
+
+
+def file_thresholds(labels: list[str], score: str, templates: str,
+                    options: ServeOptions) -> tuple[list[float] | None, list[str]]:  # fmt: skip
+    """The start-time thresholds file applied to a request's labels, as `vgclip predict --thresholds` applies
+    it (a label it does not name gets its global value), with the warnings the command prints; no thresholds
+    (the top label) without a file, or when the request's score kind or templates are not the file's."""
+    info = options.tuned
+    if info is None:
+        return None, []
+    if (score, templates) != (options.score, options.templates):
+        return None, [f"warning: the thresholds of {options.labels_source} were tuned on {options.score} scores "
+                      f"with {options.templates} prompts, not applied to {score} / {templates}: the top label "
+                      "is predicted"]  # fmt: skip
+    try:
+        applied = label_thresholds(info, labels, options.labels_source)
+    except VgclipError as exc:
+        raise HTTPException(422, str(exc).replace("--threshold T", "the thresholds field (a number)")) from None
+    return applied.values, threshold_notes(info, applied, score, options.labels_source)
+
+
+def scoring_texts(labels: list[str], options: ServeOptions) -> list[str]:
+    """The text each label is scored with: a label naming a class of the thresholds file (by name or class text)
+    is scored with that class's recorded text, as it was tuned; any other label as `vgclip predict` words it."""
+    recorded = dict(options.class_texts or {})
+    if options.tuned is not None:
+        for label in labels:
+            cls = match_class(options.tuned, label)
+            if cls is not None and cls in (options.class_texts or {}):
+                recorded.setdefault(label, options.class_texts[cls])
+    return [readable_name(label, recorded) for label in labels]
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """Pydantic's error list as one line: which field, what is wrong with it."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
+        msg = str(error.get("msg", "not valid"))
+        what = "is missing" if error.get("type") == "missing" else f"is not valid ({msg})"
+        parts.append(f"field {where!r} {what}" if where else msg)
+    return "; ".join(parts) or "the request is not valid"
 
 
 def _choice(value: str | None, default: str, allowed: tuple[str, ...], name: str) -> str:
@@ -164,6 +208,10 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     started = time.monotonic()
 
+    @app.exception_handler(RequestValidationError)
+    async def readable_422(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc)}, 422)  # one line, as every other refusal
+
     @app.get("/", include_in_schema=False)
     def tag_page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -182,9 +230,12 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
 
     @app.get("/api/labels")
     def labels() -> dict[str, Any]:
-        """The default label list, score kind, templates and thresholds (from the start-time thresholds file)."""
+        """The default label list, score kind, templates and thresholds (from the start-time thresholds file:
+        per label, and its global threshold)."""
+        glob = options.tuned.get("global") if options.tuned else None
         return {"labels": options.labels, "source": options.labels_source, "score": options.score,
                 "templates": options.templates, "crops": options.crops, "thresholds": options.thresholds,
+                "global_threshold": glob,
                 "score_kinds": list(SCORE_KINDS), "template_sets": list(TEMPLATE_SETS)}  # fmt: skip
 
     add_predict_route(app, engine, options)
@@ -196,23 +247,26 @@ def add_predict_route(app: FastAPI, engine: ScoringEngine, options: ServeOptions
     """POST /api/predict: the tag page's one call to the model."""
 
     @app.post("/api/predict")
-    async def predict(images: list[UploadFile] = File(..., description="one or more image files"),
-                      labels: str = Form(..., description="labels, comma-separated or one per line"),
+    async def predict(images: list[UploadFile] | None = File(None, description="one or more image files"),
+                      labels: str | None = Form(None, description="labels, comma-separated or one per line"),
                       score: str | None = Form(None, description="softmax, sigmoid or cosine"),
                       templates: str | None = Form(None, description="single or ensemble"),
-                      thresholds: str | None = Form(None, description="a number, or JSON {label: threshold}"),
+                      thresholds: str | None = Form(None, description="a number, or JSON {label: threshold}; "
+                                                    "default: the start-time thresholds file's"),
                       ) -> dict[str, Any]:  # fmt: skip
-        """Per image: every label's score and the predicted set (score >= threshold, else the top label)."""
-        names = parse_labels(labels)
+        """Per image: every label's score and the predicted set (score >= threshold, else the top label), and
+        `warnings` about the thresholds (labels the file has no value for, softmax on another label set)."""
+        names = parse_labels(labels or "")
         kind = _choice(score, options.score, SCORE_KINDS, "score")
         prompts = _choice(templates, options.templates, TEMPLATE_SETS, "templates")
-        limits = parse_thresholds(thresholds, names, options)
-        tensors = await read_images(images, engine, options)
-        texts = [readable_name(n, options.class_texts) for n in names]
-        scores = await engine.score(torch.stack(tensors), texts, kind, prompts)
+        limits, notes = parse_thresholds(thresholds, names), []
+        if limits is None:
+            limits, notes = file_thresholds(names, kind, prompts, options)
+        tensors = await read_images(images or [], engine, options)
+        scores = await engine.score(torch.stack(tensors), scoring_texts(names, options), kind, prompts)
         results = [{"image": f.filename, "scores": dict(zip(names, map(float, row))),
-                    "predicted": predicted_set(names, row, limits)} for f, row in zip(images, scores)]  # fmt: skip
-        return {"labels": names, "score": kind, "templates": prompts,
+                    "predicted": predicted_set(names, row, limits)} for f, row in zip(images or [], scores)]  # fmt: skip
+        return {"labels": names, "score": kind, "templates": prompts, "warnings": notes,
                 "thresholds": dict(zip(names, limits)) if limits else None, "results": results}  # fmt: skip
 
 

@@ -41,16 +41,17 @@ def default_options(setup: ServeSetup) -> Any:
     file = setup.thresholds
     if file is None and setup.report is not None and (setup.report / "thresholds.json").is_file():
         file = setup.report / "thresholds.json"
-    labels, source = list(STANDARD_CLASSES), "the 20 VOC classes"
+    labels, source, tuned = list(STANDARD_CLASSES), "the 20 VOC classes", None
     if file is not None:
-        labels, source = list(load_thresholds(file).get("classes") or []), str(file)
+        tuned = load_thresholds(file)
+        labels, source = list(tuned.get("classes") or []), str(file)
         if not labels:
             raise VgclipError(f"{file}: lists no classes")
     chosen = predict_settings(setup.checkpoint, labels, thresholds_file=file)
     limits = dict(zip(labels, chosen.thresholds)) if chosen.thresholds else None
     if setup.max_upload_mb <= 0 or setup.max_pixels <= 0:
         raise VgclipError("--max-upload-mb and --max-pixels must be positive")
-    return ServeOptions(labels, score=chosen.score, templates=chosen.templates, thresholds=limits,
+    return ServeOptions(labels, score=chosen.score, templates=chosen.templates, thresholds=limits, tuned=tuned,
                         class_texts=chosen.texts, labels_source=source, crops=chosen.crops,
                         max_upload_bytes=int(setup.max_upload_mb * 1024 * 1024), max_pixels=setup.max_pixels,
                         token=setup.token, info={"checkpoint": str(setup.checkpoint)})  # fmt: skip

@@ -8,18 +8,22 @@ function currentLabels() {
   return $("labels").value.split(/[\n,]/).map((s) => s.trim()).filter(Boolean);
 }
 
-/** Thresholds start at the served thresholds file's values when the label set and score match, else at the slider. */
-function resetThresholds(labels, score) {
-  const d = state.defaults;
-  const fromFile = d && d.thresholds && score === d.score && labels.every((l) => l in d.thresholds);
+/** Thresholds start at the ones the server applied (`given`: the served thresholds file's, with its global value
+ *  for a label it does not name), else every label at the slider's value. */
+function resetThresholds(labels, score, given) {
   const [lo, hi] = vg.range(score);
   const slider = $("global-threshold");
   slider.min = lo; slider.max = hi;
-  if (!fromFile && (Number(slider.value) < lo || Number(slider.value) > hi)) slider.value = (lo + hi) / 2;
+  if (!given && (Number(slider.value) < lo || Number(slider.value) > hi)) slider.value = (lo + hi) / 2;
   state.thresholds = {};
-  for (const l of labels) state.thresholds[l] = fromFile ? d.thresholds[l] : Number(slider.value);
-  $("global-value").value = vg.fmt(Number(slider.value));
+  for (const l of labels) state.thresholds[l] = given && l in given ? given[l] : Number(slider.value);
+  $("global-value").value = vg.fmt(Number(slider.value), 4);
   renderThresholdTable(labels);
+}
+
+/** The server's warnings about the thresholds (labels the file has no value for, softmax on another label set). */
+function showWarnings(lines) {
+  $("warnings").replaceChildren(...(lines || []).map((w) => vg.el("li", { text: w })));
 }
 
 function renderThresholdTable(labels) {
@@ -76,12 +80,14 @@ async function scoreImages() {
   form.append("score", $("score").value);
   form.append("templates", $("templates").value);
   $("run").disabled = true;
+  showWarnings([]);
   vg.status($("status"), `Scoring ${state.files.length} image(s)…`);
   try {
     const out = await vg.json("/api/predict", { method: "POST", body: form });
     const urls = state.files.map((f) => URL.createObjectURL(f));
     state.scored = { labels: out.labels, score: out.score, results: out.results.map((r, i) => ({ ...r, url: urls[i] })) };
-    resetThresholds(out.labels, out.score);
+    resetThresholds(out.labels, out.score, out.thresholds);
+    showWarnings(out.warnings);
     renderResults();
     vg.status($("status"), `${out.results.length} image(s) scored (${out.score}, ${out.templates} prompts).`);
   } catch (e) {
@@ -103,14 +109,16 @@ async function init() {
   $("labels-source").textContent = `Default labels: ${state.defaults.source}.`;
   $("score").value = state.defaults.score;
   $("templates").value = state.defaults.templates;
-  const first = state.defaults.thresholds ? Object.values(state.defaults.thresholds)[0] : null;
-  resetThresholds(state.defaults.labels, state.defaults.score);
-  if (first !== null) { $("global-threshold").value = first; $("global-value").value = vg.fmt(first); }
+  // The slider starts at the thresholds file's global threshold (step "any": the exact value, not a snapped one).
+  const d = state.defaults, slider = $("global-threshold"), [lo, hi] = vg.range(d.score);
+  slider.min = lo; slider.max = hi;
+  if (d.global_threshold !== null && d.global_threshold !== undefined) slider.value = d.global_threshold;
+  resetThresholds(d.labels, d.score, d.thresholds);
   $("files").addEventListener("change", (e) => setFiles(e.target.files));
   $("run").addEventListener("click", scoreImages);
   $("global-threshold").addEventListener("input", (e) => {
     const v = Number(e.target.value);
-    $("global-value").value = vg.fmt(v);
+    $("global-value").value = vg.fmt(v, 4);
     const labels = state.scored ? state.scored.labels : currentLabels();
     for (const l of labels) state.thresholds[l] = v;
     renderThresholdTable(labels);
