@@ -14,7 +14,7 @@ from _train_fixtures import write_shards
 from vgclip.cli import main
 from vgclip.config import config_to_dict, load_config
 from vgclip.export.model_card import write_run_card
-from vgclip.export.run_facts import RUN_INFO_FILE, nearest_preset, record_training
+from vgclip.export.run_facts import RUN_INFO_FILE, data_summary, gather_run_facts, nearest_preset, record_training
 from vgclip.summary import TrainSummary
 from vgclip.synthetic.writers import write_synthetic_voc
 from vgclip.train.loop import train
@@ -49,8 +49,8 @@ def test_training_writes_a_hub_card(trained):
     report = json.loads((run / "zeroshot" / "report.json").read_text())
     assert values == {"zero-shot mAP": round(report["mAP"], 4), "chance mAP": round(report["chance_mean"], 4)}
     assert f"**mAP {report['mAP']:.4f}** against a chance level of {report['chance_mean']:.4f}" in text
-    assert f'vgclip.load_checkpoint("{run.resolve()}")' in text
-    assert f"vgclip export --checkpoint {run.resolve()} --out" in text and "local-dir:" in text
+    assert 'vgclip.load_checkpoint("run")' in text and str(root) not in text  # paths relative to the run folder
+    assert "vgclip export --checkpoint run --out run-open_clip" in text and "local-dir:run-open_clip" in text
     # preset, data manifest, training time / hardware, validation recall
     assert "preset: `tiny`, with 3 setting(s) differing" in text and "`train.max_steps: 0 -> 1`" in text
     assert "- train: 16 images, 48 phrases, 1 shards" in text
@@ -76,10 +76,10 @@ def test_zeroshot_refreshes_the_run_card_and_ignores_stale_reports(trained, tmp_
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     text = (run / "README.md").read_text()
-    assert f"**mAP {report['mAP']:.4f}**" in text and f"Full report: `{out.resolve()}`" in text
+    assert f"**mAP {report['mAP']:.4f}**" in text and "Full report: `../report`" in text
     # a later refresh (e.g. by a resumed training) still finds the report run_info.json names
     write_run_card(run)
-    assert f"Full report: `{out.resolve()}`" in (run / "README.md").read_text()
+    assert "Full report: `../report`" in (run / "README.md").read_text()
     # weights newer than the report: the report is about an earlier model and leaves the card
     later = (out / "report.json").stat().st_mtime + 10
     os.utime(run / "model.safetensors", (later, later))
@@ -118,7 +118,7 @@ def test_card_from_a_run_folder_without_training(tmp_path):
     assert "**mAP 0.6123** against a chance level of 0.2000" in text
     assert "image->text recall@1/5/10 0.1000 / 0.2000 / 0.3000; text->image 0.4000 / 0.5000 / 0.6000" in text
     assert "training time and hardware: not recorded" in text and "preset: `tiny`, with 0 setting(s)" in text
-    assert f'vgclip.load_checkpoint("{run.resolve()}")' in text
+    assert 'vgclip.load_checkpoint("my-run")' in text and "on `VOC2007` (split test" in text
 
 
 def test_training_time_adds_up_over_resumed_sessions(tmp_path):
@@ -150,3 +150,89 @@ def test_export_card_quotes_the_run(trained, tmp_path):
     assert front["model-index"][0]["name"] == "tiny-clip"
     assert 'create_model_and_transforms("hf-hub:me/tiny-clip")' in text
     assert f'vgclip.load_checkpoint("{out.resolve()}")' in text and "**mAP " in text
+
+
+def _bare_run(tmp_path, name: str = "my-run", data: str | None = None, **info):
+    """A run folder with the tiny preset's weights and a run_info.json (no training)."""
+    import vgclip
+    from vgclip.model.checkpoint import save_model
+
+    config = load_config("tiny")
+    model, _, tokenizer = vgclip.create_model(config)
+    run = tmp_path / "runs" / name
+    save_model(run, model, tokenizer, config)
+    record = {"train_seconds": 60.0, "steps": 8, "epochs": 2, "hardware": "CPU", "data": data, **info}
+    (run / RUN_INFO_FILE).write_text(json.dumps(record))
+    return run
+
+
+def _csv_shards(folder) -> None:
+    folder.mkdir(parents=True)
+    manifest = {"format": "webdataset", "inputs": {"source": "csv", "captions_csv": "../photos/caps.csv"},
+                "splits": {"train": {"images": 7, "regions": 9, "shards": ["train/shard-000000.tar"]}},
+                "skipped": {"counts": {"missing_image_file": 2}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_card_describes_the_data_used_with_paths_relative_to_the_run(tmp_path, monkeypatch):
+    """A CSV-trained run is not called Visual Genome; no path of the machine it ran on is in the card."""
+    _csv_shards(tmp_path / "shards" / "csv")
+    monkeypatch.chdir(tmp_path)
+    recorded = record_training(tmp_path, TrainSummary(data="shards/csv", steps=8, steps_this_session=8),
+                               world_size=1, device="cpu")
+    assert recorded["data"] == str(tmp_path / "shards" / "csv")  # absolute: later refreshes run from anywhere
+    run = _bare_run(tmp_path, data=recorded["data"])
+    monkeypatch.chdir(run)  # a refresh from another folder reads the same shards
+    text = write_run_card(run).read_text()
+    front = _front_matter(text)
+    assert "image-captions" in front["tags"] and "visual-genome" not in front["tags"]
+    assert "datasets" not in front
+    assert "trained with vgclip on whole-image captions from a CSV file `caps.csv`." in text
+    assert "region descriptions" not in text.split("## Model")[0]
+    assert "- shards: `../../shards/csv`" in text and "reasons in `../../shards/csv/manifest.json`" in text
+    assert "- train: 7 images, 9 captions, 1 shards" in text and "- pairing `single`" in text
+    assert str(tmp_path) not in text
+
+
+def test_card_tags_follow_the_source_kind(tmp_path):
+    from vgclip.export.model_card import card_data
+
+    assert data_summary("cc3m/{00000..00331}.tar")["kind"] == "img2dataset"
+    assert data_summary(str(tmp_path))["kind"] is None  # a folder without manifest.json: unknown
+    run = _bare_run(tmp_path, name="cc3m-run", data="https://host/cc3m/{00000..00331}.tar")
+    text = write_run_card(run).read_text()
+    assert {"img2dataset", "image-captions"} <= set(_front_matter(text)["tags"])
+    assert "img2dataset / open_clip layout" in text and "- shards: `https://host/cc3m/{00000..00331}.tar`" in text
+    vg_data = {"location": "x", "manifest": None, "kind": "vg", "source": "vg"}
+    vg = dataclasses.replace(gather_run_facts(run), data=vg_data)
+    data = card_data(vg, "r", "vgclip")
+    assert "visual-genome" in data.tags and data.datasets == ["ranjaykrishna/visual_genome"]
+
+
+def test_card_reports_the_tracked_zero_shot_map_and_the_chosen_checkpoint(tmp_path):
+    """--val-voc-root with train.select_by=zeroshot_map: the card quotes the tracked mAP and the best checkpoint."""
+    from vgclip.model.weights_file import read_safetensors, write_safetensors
+
+    best = {"select_by": "zeroshot_map", "value": 0.5123, "checkpoint": "/elsewhere/run/checkpoints/step-8",
+            "step": 8, "epoch": 2, "weights": "/elsewhere/run/best.safetensors"}
+    run = _bare_run(tmp_path, val_voc_root=str(tmp_path / "data" / "heldout-voc"), best=best)
+    (run / "metrics.csv").write_text("step,epoch,split,loss,zeroshot_map,note\n4,0,val,1.5,0.4321,\n"
+                                     "8,1,val,1.4,0.5123,\n")  # fmt: skip
+    meta = {"format": "pt", "producer": "vgclip", **{k: str(v) for k, v in best.items() if k != "weights"}}
+    write_safetensors(run / "best.safetensors", read_safetensors(run / "model.safetensors"), metadata=meta)
+    text = write_run_card(run).read_text()
+    assert "Zero-shot: not evaluated yet" not in text and "mAP" in _front_matter(text)["metrics"]
+    assert "held-out VOC-layout `heldout-voc`" in text and "epoch 1 0.4321, epoch 2 0.5123" in text
+    assert "highest **0.5123** (epoch 2)" in text
+    assert ("Best checkpoint (`train.select_by=zeroshot_map`, the highest zero-shot mAP): `checkpoints/step-8` "
+            "(after epoch 2, step 8), mAP **0.5123**") in text
+    assert 'vgclip.load_checkpoint("my-run/best.safetensors")' in text and "/elsewhere" not in text
+    # without run_info.json's record, best.safetensors' metadata names the same checkpoint
+    (run / RUN_INFO_FILE).write_text(json.dumps({"train_seconds": 1.0}))
+    assert "`checkpoints/step-8` (after epoch 2, step 8), mAP **0.5123**" in write_run_card(run).read_text()
+
+
+def test_card_says_how_to_install_what_exists(tmp_path):
+    text = write_run_card(_bare_run(tmp_path)).read_text()
+    assert "pip install vgclip" not in text and 'pip install "vgclip[' not in text
+    assert "installed from a clone of its repository: `pip install -e .`" in text

@@ -3,8 +3,10 @@
 The YAML front matter (library_name, tags, datasets, metrics, and a model-index with the zero-shot mAP
 when the run was evaluated) is built with huggingface_hub's ModelCardData, so the Hub reads it as its
 own; the body is generated from the run (run_facts.py): preset and resolved config, the shards'
-manifest, training time and hardware, validation recall@K, zero-shot mAP against chance, and how to
-load the model. Cards are written atomically.
+manifest (what the data was: tags and words per source kind), training time and hardware, validation
+recall@K, the zero-shot mAP tracked while training and the checkpoint train.select_by chose, zero-shot
+mAP against chance, and how to install vgclip and load the model. A run card names paths relative to
+the run folder (the folder itself by its name). Cards are written atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from vgclip.export.run_facts import RunFacts, gather_run_facts, record_training, remember_report
+from vgclip.export.run_facts import RunFacts, gather_run_facts, record_training, remember_report, shown_path
 from vgclip.io import atomic_write_text
 from vgclip.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from vgclip.summary import TrainSummary
@@ -26,13 +28,25 @@ __all__ = ["card_data", "final_model_run", "finish_run_card", "refresh_after_zer
 CARD_FILE = "README.md"
 # Hub dataset ids of the caption sources `vgclip prepare` reads (manifest inputs.source).
 HUB_DATASETS = {"vg": "ranjaykrishna/visual_genome", "coco": "detection-datasets/coco"}
-TAGS = ["clip", "vgclip", "zero-shot-image-classification", "visual-genome"]
+TAGS = ["clip", "vgclip", "zero-shot-image-classification"]
+# Tags and a description per kind of training data (run_facts.data_summary's `kind`).
+DATA_TAGS = {"vg": ["visual-genome", "region-descriptions"], "coco": ["coco", "image-captions"],
+             "csv": ["image-captions"], "img2dataset": ["img2dataset", "image-captions"]}
+DATA_WORDS = {"vg": "Visual Genome region descriptions (phrases with boxes)",
+              "coco": "COCO captions (whole-image captions)",
+              "csv": "whole-image captions from a CSV file{file}",
+              "img2dataset": "image-caption tar shards in img2dataset / open_clip layout (a caption per image)"}
+# vgclip is not on a package registry: the card says how to install what exists.
+INSTALL = ("vgclip is installed from a clone of its repository: `pip install -e .` in the clone "
+           "(`pip install -e \".[export]\"` adds open_clip)")
 
 
 def card_data(facts: RunFacts | None, name: str, library: str) -> ModelCardData:
     """The front matter: library, tags, datasets, metrics, and the zero-shot result as a model-index."""
     source = (facts.data or {}).get("source") if facts else None
-    metrics = (["recall"] if facts and facts.val else []) + (["mAP"] if facts and facts.zeroshot else [])
+    kind = (facts.data or {}).get("kind") if facts else None
+    tracked = bool(facts and facts.selection and facts.selection["history"])
+    metrics = (["recall"] if facts and facts.val else []) + (["mAP"] if facts and (facts.zeroshot or tracked) else [])
     results = []
     if facts and facts.zeroshot:
         z = facts.zeroshot
@@ -44,7 +58,7 @@ def card_data(facts: RunFacts | None, name: str, library: str) -> ModelCardData:
                                           metric_type=metric, metric_name=label,
                                           metric_value=round(float(value), 4)))  # fmt: skip
     return ModelCardData(
-        library_name=library, tags=TAGS + (["open_clip"] if library == "open_clip" else []),
+        library_name=library, tags=TAGS + DATA_TAGS.get(kind, []) + (["open_clip"] if library == "open_clip" else []),
         datasets=[HUB_DATASETS[source]] if source in HUB_DATASETS else None, metrics=metrics or None,
         pipeline_tag="zero-shot-image-classification", model_name=name, eval_results=results or None,
     )
@@ -88,16 +102,37 @@ def _training_lines(facts: RunFacts) -> list[str]:
     return lines
 
 
-def _data_lines(facts: RunFacts) -> list[str]:
+def describe_data(data: dict[str, Any] | None) -> str:
+    """What the run trained on, in words: the source kind of its shards (run_facts.data_summary)."""
+    kind = (data or {}).get("kind")
+    if kind not in DATA_WORDS:
+        return "image-text shards (their source is not recorded)" if data else "data this card has no record of"
+    named = (data or {}).get("input_file")
+    return DATA_WORDS[kind].format(file=f" `{named}`" if named else "")
+
+
+def _pairing(config: dict[str, Any]) -> str:
+    spec = str((config.get("data") or {}).get("pairing") or "single")
+    if spec.startswith("combine:"):
+        return f"`{spec}`: each epoch, up to {spec.partition(':')[2]} of an image's texts joined into one, whole image"
+    if spec == "region":
+        return "`region`: each epoch, one region per image, the image cropped to its box (whole image if none)"
+    return f"`{spec}`: each epoch, one of an image's texts with the whole image"
+
+
+def _data_lines(facts: RunFacts, base: Path) -> list[str]:
     d = facts.data
     if d is None:
         return []
-    lines = ["## Training data", "", f"- shards: `{d['location']}`"]
+    lines = ["## Training data", "", f"- {describe_data(d)}", f"- shards: `{shown_path(d['location'], base)}`",
+             f"- pairing {_pairing(facts.config)}"]
     if d.get("manifest") is None:
-        return lines + ["- manifest.json: not read (shards not in a local folder)", ""]
+        why = "tar shards not written by `vgclip prepare`" if d.get("kind") else "shards not in a local folder"
+        return lines + [f"- manifest.json: none read ({why})", ""]
     lines.append(f"- source: {d.get('source') or 'unknown'}, format {d.get('format')}, "
-                 f"{d.get('skipped')} item(s) skipped while preparing (reasons in {d['manifest']})")
-    lines += [f"- {split}: {c.get('images')} images, {c.get('regions')} phrases, {c.get('shards')} shards"
+                 f"{d.get('skipped')} item(s) skipped while preparing (reasons in `{shown_path(d['manifest'], base)}`)")
+    texts = "phrases" if d.get("kind") in ("vg", None) else "captions"
+    lines += [f"- {split}: {c.get('images')} images, {c.get('regions')} {texts}, {c.get('shards')} shards"
               for split, c in d.get("splits", {}).items()]  # fmt: skip
     return lines + [""]
 
@@ -106,7 +141,7 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def _result_lines(facts: RunFacts) -> list[str]:
+def _result_lines(facts: RunFacts, base: Path) -> list[str]:
     lines = ["## Results", ""]
     v = facts.val
     if v:
@@ -116,17 +151,47 @@ def _result_lines(facts: RunFacts) -> list[str]:
                      f"{_num(v.get('t2i_r1'))} / {_num(v.get('t2i_r5'))} / {_num(v.get('t2i_r10'))}.")
     else:
         lines.append("Validation: no validation rows in metrics.csv.")
+    lines += _selection_lines(facts)
     z = facts.zeroshot
     if z:
-        lines += ["", f"Zero-shot multi-label classification on `{z['voc_root']}` (split {z['split']}, "
+        lines += ["", f"Zero-shot multi-label classification on `{Path(str(z['voc_root'])).name}` (split {z['split']}, "
                   f"{z['images']} images, {z['classes']} classes): **mAP {_num(z['mAP'])}** against a chance "
                   f"level of {_num(z['chance'])} (mean class prevalence); VOC07 11-point mAP "
                   f"{_num(z['mAP_voc07_11pt'])}. Scores: {z['score']}; templates: {z['templates']}; "
-                  f"difficult objects: {z['difficult']}. Full report: `{z['report']}`."]
+                  f"difficult objects: {z['difficult']}. Full report: `{shown_path(z['report'], base)}`."]
+    elif facts.selection and facts.selection["history"]:
+        lines += ["", "Zero-shot report of the final model (test split, tuned thresholds): not made yet "
+                  "(`vgclip zeroshot --checkpoint RUN --voc-root VOC --out DIR` refreshes this card)."]
     else:
         lines += ["", "Zero-shot: not evaluated yet (`vgclip zeroshot --checkpoint RUN --voc-root VOC --out DIR` "
                   "refreshes this card)."]
     return lines + [""]
+
+
+def _selection_lines(facts: RunFacts) -> list[str]:
+    """The zero-shot mAP tracked every epoch (--val-voc-root) and the checkpoint train.select_by chose."""
+    sel, lines = facts.selection, []
+    if sel is None:
+        return lines
+    history = sel["history"]
+    if history:
+        voc = f"`{Path(sel['val_voc_root']).name}`" if sel.get("val_voc_root") else "folder"
+        shown = ", ".join(f"epoch {e} {value:.4f}" for e, value in history[-10:])
+        more = f" (last 10 of {len(history)} epochs)" if len(history) > 10 else ""
+        top_epoch, top = max(history, key=lambda item: item[1])
+        lines += ["", f"Zero-shot mAP tracked while training on the held-out VOC-layout {voc} (`--val-voc-root`, "
+                  f"scored after every epoch without threshold tuning; `metrics.csv` column `zeroshot_map`): "
+                  f"{shown}{more}; highest **{top:.4f}** (epoch {top_epoch})."]
+    best = sel["best"]
+    if best:
+        by_map = best.get("select_by") == "zeroshot_map"
+        rule, metric = ("highest zero-shot mAP", "mAP") if by_map else ("lowest validation loss", "validation loss")
+        lines += ["", f"Best checkpoint (`train.select_by={best.get('select_by')}`, the {rule}): "
+                  f"`checkpoints/{Path(str(best.get('checkpoint'))).name}` (after epoch {best.get('epoch')}, step "
+                  f"{best.get('step')}), {metric} **{_num(best.get('value'))}**. Its weights are `best.safetensors` "
+                  f'(`vgclip.load_checkpoint("{facts.run_dir.name}/best.safetensors")`); `model.safetensors`, '
+                  "which the rest of this card describes, holds the last epoch's."]
+    return lines
 
 
 def _config_lines(config: dict[str, Any]) -> list[str]:
@@ -143,22 +208,26 @@ def _write(folder: Path, data: ModelCardData, title: str, body: list[str]) -> Pa
 
 
 def write_run_card(run_dir: str | Path, report_dir: Path | None = None) -> Path:
-    """RUN/README.md from the run folder (and the zero-shot report `report_dir`, if given)."""
+    """RUN/README.md from the run folder (and the zero-shot report `report_dir`, if given).
+
+    Paths are written relative to the run folder, and the run folder by its name: the card must still
+    read true once the folder is uploaded or copied elsewhere.
+    """
     facts = gather_run_facts(run_dir, report_dir)
-    where = str(facts.run_dir)
+    name = facts.run_dir.name
     usage = [
-        "## Use", "", "With vgclip (`pip install vgclip`):", "", "```python", "import vgclip", "",
-        f'model, image_transform, tokenizer = vgclip.load_checkpoint("{where}")', "```", "",
-        "```bash", f"vgclip predict --checkpoint {where} --labels 'dog,car,person' photo.jpg", "```", "",
-        "With open_clip, after exporting (`pip install \"vgclip[export]\"`):", "", "```bash",
-        f"vgclip export --checkpoint {where} --out {where}-open_clip", "```", "", "```python", "import open_clip",
-        "", f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{where}-open_clip")',
-        f'tokenizer = open_clip.get_tokenizer("local-dir:{where}-open_clip")', "```", "",
+        "## Use", "", f"{INSTALL}. From the folder that holds this one (`{name}`):", "", "```python",
+        "import vgclip", "", f'model, image_transform, tokenizer = vgclip.load_checkpoint("{name}")', "```", "",
+        "```bash", f"vgclip predict --checkpoint {name} --labels 'dog,car,person' photo.jpg", "```", "",
+        "With open_clip, after exporting:", "", "```bash", f"vgclip export --checkpoint {name} --out {name}-open_clip",
+        "```", "", "```python", "import open_clip", "",
+        f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{name}-open_clip")',
+        f'tokenizer = open_clip.get_tokenizer("local-dir:{name}-open_clip")', "```", "",
     ]  # fmt: skip
-    body = [f"A CLIP-style dual encoder trained with vgclip on region descriptions; run folder `{where}`.", ""]
-    body += _model_lines(facts.config) + _data_lines(facts) + _training_lines(facts) + _result_lines(facts)
-    body += usage + _config_lines(facts.config)
-    return _write(facts.run_dir, card_data(facts, facts.run_dir.name, "vgclip"), facts.run_dir.name, body)
+    body = [f"A CLIP-style dual encoder trained with vgclip on {describe_data(facts.data)}.", ""]
+    body += _model_lines(facts.config) + _data_lines(facts, facts.run_dir) + _training_lines(facts)
+    body += _result_lines(facts, facts.run_dir) + usage + _config_lines(facts.config)
+    return _write(facts.run_dir, card_data(facts, name, "vgclip"), name, body)
 
 
 def write_export_card(folder: Path, out_dir: Path, run_dir: Path | None, hub_id: str | None = None) -> Path:
@@ -171,13 +240,15 @@ def write_export_card(folder: Path, out_dir: Path, run_dir: Path | None, hub_id:
         f"An open_clip model exported by `vgclip export`{origin}", "", "## Use", "",
         "With open_clip (`pip install open_clip_torch`):", "", "```python", "import open_clip", "",
         f'model, _, preprocess = open_clip.create_model_and_transforms("{ref}")',
-        f'tokenizer = open_clip.get_tokenizer("{ref}")', "```", "", "With vgclip (this folder, no network):", "",
+        f'tokenizer = open_clip.get_tokenizer("{ref}")', "```", "",
+        f"With vgclip (this folder, no network; {INSTALL}):", "",
         "```python", "import vgclip", "", f'model, image_transform, tokenizer = vgclip.load_checkpoint("{out_dir}")',
         "```", "", "```bash", f"vgclip zeroshot --checkpoint {out_dir} --voc-root VOC --out report", "```", "",
     ]  # fmt: skip
     if facts is not None:
-        body += _model_lines(facts.config) + _data_lines(facts) + _training_lines(facts) + _result_lines(facts)
-        body += _config_lines(facts.config)
+        base = out_dir.resolve()
+        body += _model_lines(facts.config) + _data_lines(facts, base) + _training_lines(facts)
+        body += _result_lines(facts, base) + _config_lines(facts.config)
     return _write(folder, card_data(facts, name, "open_clip"), name, body)
 
 

@@ -21,6 +21,7 @@ import timm
 import torch
 import transformers
 import yaml
+from safetensors import safe_open
 
 from vgclip.config import config_to_dict, load_config
 from vgclip.eval.records import ZeroshotReport
@@ -28,12 +29,14 @@ from vgclip.io import atomic_write_text
 from vgclip.summary import TrainSummary
 
 __all__ = ["RunFacts", "data_summary", "gather_run_facts", "hardware", "last_validation", "nearest_preset",
-           "read_json", "record_training", "remember_report", "zeroshot_summary"]
+           "read_json", "record_training", "remember_report", "selection_summary", "shown_path", "zeroshot_summary"]
 
 RUN_INFO_FILE = "run_info.json"
 METRICS_FILE = "metrics.csv"
 REPORT_DIR = "zeroshot"  # where `vgclip train --voc-root` writes its zero-shot report
 VAL_COLUMNS = ("loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+BEST_WEIGHTS = "best.safetensors"  # the best checkpoint's weights (train/tracking.py)
+PREPARED_SOURCES = ("vg", "coco", "csv")  # manifest.json inputs.source of `vgclip prepare`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class RunFacts:
     data: dict[str, Any] | None
     val: dict[str, Any] | None
     zeroshot: dict[str, Any] | None
+    selection: dict[str, Any] | None = None  # train.select_by, the best checkpoint, tracked zero-shot mAP
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -87,7 +91,8 @@ def record_training(run_dir: Path, summary: TrainSummary, *, world_size: int, de
         "steps": summary.steps, "epochs": summary.epochs,
         "samples_seen": summary.samples_seen, "train_samples": summary.train_samples,
         "final_train_loss": summary.final_train_loss, "best_val_loss": summary.best_val_loss,
-        "data": summary.data, "val_data": summary.val_data,
+        "data": _absolute(summary.data), "val_data": _absolute(summary.val_data),
+        "val_voc_root": _absolute(summary.val_voc_root), "best": summary.best,
         "hardware": hardware(device), "processes": world_size,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
@@ -96,6 +101,23 @@ def record_training(run_dir: Path, summary: TrainSummary, *, world_size: int, de
         info["zeroshot_report"] = previous["zeroshot_report"]
     atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps(info, indent=1, default=str) + "\n")
     return info
+
+
+def _absolute(location: str | None) -> str | None:
+    """A local path made absolute (a card names it relative to its own folder); URLs and pipe: as given."""
+    if not location or "://" in location or location.startswith("pipe:"):
+        return location
+    return os.path.abspath(location)
+
+
+def shown_path(location: str, base: Path) -> str:
+    """`location` as a card in folder `base` names it: relative to `base` when local, else as given."""
+    if "://" in location or location.startswith("pipe:"):
+        return location
+    try:
+        return Path(os.path.relpath(os.path.abspath(location), os.path.abspath(base))).as_posix()
+    except ValueError:  # another drive: no relative path, the name alone
+        return Path(location).name
 
 
 def remember_report(run_dir: Path, report_dir: Path) -> None:
@@ -132,17 +154,26 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def data_summary(location: str | None) -> dict[str, Any] | None:
-    """Source, format, per-split counts and skips from the shards' manifest.json, when the shards are local."""
+    """Source kind, format, per-split counts and skips from the shards' manifest.json, when the shards are local.
+
+    kind: the manifest's inputs.source (vg, coco, csv); "img2dataset" for tar shards vgclip did not write (a
+    tar file or brace pattern: img2dataset / open_clip layout); None when unknown.
+    """
     if not location:
         return None
     manifest = read_json(Path(location) / "manifest.json") if Path(location).is_dir() else None
     if manifest is None:
-        return {"location": location, "manifest": None}
+        tars = location.endswith(".tar") or ("{" in location and ".tar" in location)
+        return {"location": location, "manifest": None, "kind": "img2dataset" if tars else None}
     splits = manifest.get("splits") or {}
     skipped = (manifest.get("skipped") or {}).get("counts") or {}
+    inputs = manifest.get("inputs") or {}
+    source = inputs.get("source")
+    named = inputs.get("captions_csv") or inputs.get("coco_captions")
     return {
-        "location": location, "manifest": str(Path(location) / "manifest.json"),
-        "source": (manifest.get("inputs") or {}).get("source"), "format": manifest.get("format"),
+        "location": location, "manifest": str(Path(location) / "manifest.json"), "source": source,
+        "kind": source if source in PREPARED_SOURCES else None, "format": manifest.get("format"),
+        "input_file": Path(str(named)).name if named else None,
         "splits": {name: {k: (len(v) if k == "shards" else v) for k, v in entry.items()}
                    for name, entry in splits.items() if isinstance(entry, dict)},  # fmt: skip
         "skipped": sum(v for v in skipped.values() if isinstance(v, int)),
@@ -166,6 +197,45 @@ def last_validation(run_dir: Path) -> dict[str, Any] | None:
         except (KeyError, TypeError, ValueError):
             continue
     return values
+
+
+def _zeroshot_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(epoch, counted from 1, zero-shot mAP) of the validation rows of metrics.csv that have one."""
+    try:
+        with open(run_dir / METRICS_FILE, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("split") == "val" and r.get("zeroshot_map")]
+    except OSError:
+        return []
+    history = {}
+    for row in rows:
+        try:
+            history[int(row["epoch"]) + 1] = float(row["zeroshot_map"])  # a resumed epoch: its last row
+        except (KeyError, TypeError, ValueError):
+            continue
+    return sorted(history.items())
+
+
+def _best_metadata(run_dir: Path) -> dict[str, Any] | None:
+    """Why RUN/best.safetensors is best (select_by, value, checkpoint, step, epoch), from its metadata."""
+    try:
+        with safe_open(str(run_dir / BEST_WEIGHTS), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        return {**meta, "value": float(meta["value"])} if "select_by" in meta else None
+    except Exception:  # no file, one safetensors cannot read, or metadata vgclip did not write: left out
+        return None
+
+
+def selection_summary(run_dir: Path, config: dict[str, Any], info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How the run chose its best checkpoint (train.select_by, the checkpoint, its value) and the zero-shot
+    mAP tracked every epoch on --val-voc-root; None when the run has neither."""
+    best = (info or {}).get("best") or _best_metadata(run_dir)
+    best = best if (run_dir / BEST_WEIGHTS).is_file() else None  # a best file removed since: nothing to name
+    history = _zeroshot_history(run_dir)
+    if best is None and not history:
+        return None
+    select_by = (best or {}).get("select_by") or (config.get("train") or {}).get("select_by") or "val_loss"
+    return {"select_by": select_by, "best": best, "history": history,
+            "val_voc_root": (info or {}).get("val_voc_root")}
 
 
 def zeroshot_summary(run_dir: Path, report_dir: Path | None = None) -> dict[str, Any] | None:
@@ -212,4 +282,5 @@ def gather_run_facts(run_dir: str | Path, report_dir: Path | None = None) -> Run
         run_dir=run_dir.resolve(), config=config, preset=preset, preset_diffs=diffs, training=training,
         data=data_summary(training.get("data") if training else None), val=last_validation(run_dir),
         zeroshot=zeroshot_summary(run_dir, report_dir),
+        selection=selection_summary(run_dir, config, training),
     )
