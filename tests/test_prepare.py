@@ -183,3 +183,14 @@ def test_prepare_help_states_the_csv_format(capsys) -> None:
         parser.parse_args(["prepare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "optional first line 'path,caption'" in text and "relative to the CSV file's folder" in text
+
+
+def test_readme_says_how_to_bring_your_own_data() -> None:
+    """README's quickstart names the sources and the CSV rules sources.py applies (header, paths)."""
+    from vgclip.prepare.sources import CSV_HEADER
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    for needle in ("--captions-csv", "--coco-captions", "img2dataset", f"first line `{','.join(CSV_HEADER)}`",
+                   "paths relative to its folder", "ImageSets", "--tune-on-eval", "predict"):
+        assert needle in section, needle
