@@ -82,6 +82,8 @@ def test_summary_names_the_metric_and_value(tracked_run):
     best = max(_history(run).values())
     assert summary["best"]["select_by"] == "zeroshot_map" and summary["best"]["value"] == pytest.approx(best, abs=1e-6)
     assert summary["best"]["checkpoint"] == str(S.best_checkpoint(run / "checkpoints", "zeroshot_map")[0])
+    # One epoch numbering everywhere: the summary names the epoch as the console and metrics.csv do.
+    assert summary["best"]["epoch"] == _kept_best(run)[0] and _history(run)[summary["best"]["epoch"]] == best
     assert summary["best_zeroshot_map"] == pytest.approx(best, abs=1e-6)
     assert summary["val"]["zeroshot_map"] == pytest.approx(_history(run)[1], abs=1e-5)  # the last epoch's
 

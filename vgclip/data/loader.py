@@ -98,7 +98,10 @@ def make_loader(
         raise VgclipError(f"data.pairing={data_cfg.pairing} needs region phrases, but shards given as a pattern "
                           f"({shard_dir}) are read as caption shards (one caption per image): use data.pairing=single")
     shards = list_shards(shard_dir, split)
-    workers = max(1, data_cfg.num_workers)
+    num_workers = data_cfg.num_workers
+    if not train:  # evaluation reads whole shards: a worker beyond this rank's shards would idle
+        num_workers = min(num_workers, len(range(rank, len(shards), world_size)))
+    workers = max(1, num_workers)
     plan = None
     if train:
         random.Random(stable_seed("shards", seed, epoch)).shuffle(shards)
@@ -114,13 +117,13 @@ def make_loader(
         skips=[g * data_cfg.batch_size for g in given], rotation=rotation, counts=counts,
         targets=[b * data_cfg.batch_size for b in batches] if train else None,
     )
-    if data_cfg.num_workers > 0:
+    if num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork = warnings
     # One DataLoader per epoch (its order depends on the epoch), so workers are not persistent.
     loader = DataLoader(
         dataset, batch_size=data_cfg.batch_size, drop_last=train,
         collate_fn=_Collate(tokenizer, image_transform.normalize if normalize else None),
-        num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
     )
     return ShardLoader(loader, counts, plan)
 
@@ -142,8 +145,6 @@ def _eval_reads(shards: list[Shard], cfg: DataConfig, workers: int, rank: int, w
                 start_batch: int) -> tuple[list[list[ShardRange]], list[int]]:
     """Whole shards in file order, split by rank then by worker; batches per worker (counted to resume)."""
     mine = list(range(rank, len(shards), world_size))
-    if len(mine) < workers:
-        logger.warning("rank %d has %d shard(s) for %d worker(s): some workers stay idle", rank, len(mine), workers)
     reads = [[ShardRange(i) for i in mine[w::workers]] for w in range(workers)]
     if not start_batch:
         return reads, [0] * workers  # nothing to replay

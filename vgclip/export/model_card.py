@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from vgclip.export.run_facts import RunFacts, gather_run_facts, record_training, remember_report, shown_path
 from vgclip.io import atomic_write_text
-from vgclip.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from vgclip.model.checkpoint import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE
 from vgclip.summary import TrainSummary
 
 __all__ = ["card_data", "final_model_run", "finish_run_card", "refresh_after_zeroshot", "write_export_card",
@@ -263,7 +263,7 @@ def final_model_run(checkpoint: str | Path) -> Path | None:
     None: a step checkpoint or an export folder is not the model the run's card describes."""
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent
-    if (path.is_file() and path.name != WEIGHTS_FILE) or not (run_dir / CONFIG_FILE).is_file():
+    if (path.is_file() and path.name != RUN_WEIGHTS_FILE) or not (run_dir / RUN_CONFIG_FILE).is_file():
         return None
     return run_dir
 

@@ -24,8 +24,6 @@ from vgclip.model.weights_file import load_state, read_safetensors, write_safete
 RUN_WEIGHTS_FILE = "model.safetensors"
 RUN_CONFIG_FILE = "config.yaml"
 TEXT_TOWER_DIR = "text_tower"
-# The old names, still read by export/model_card.py (being refactored in a parallel change).
-WEIGHTS_FILE, CONFIG_FILE = RUN_WEIGHTS_FILE, RUN_CONFIG_FILE
 
 
 # --------------------------------------------------------------------------- weights

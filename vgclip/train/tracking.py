@@ -126,8 +126,11 @@ def keep_best_weights(run_dir: Path, select_by: str) -> dict[str, Any] | None:
         return None
     ckpt, value = found
     position = json.loads((ckpt / S.STATE_FILE).read_text(encoding="utf-8"))["position"]
+    # The epoch that produced it, counted from 0 as the console and metrics.csv count: an epoch-end
+    # checkpoint's position is already the start of the next epoch.
+    epoch = position["epoch"] - 1 if position["batch_in_epoch"] == 0 else position["epoch"]
     best = {"select_by": select_by, "value": value, "checkpoint": str(ckpt), "step": position["step"],
-            "epoch": position["epoch"], "weights": str(target)}
+            "epoch": epoch, "weights": str(target)}
     metadata = {"format": "pt", "producer": "vgclip", **{k: str(v) for k, v in best.items() if k != "weights"}}
     write_safetensors(target, read_safetensors(ckpt / "model.safetensors"), metadata=metadata)
     return best
