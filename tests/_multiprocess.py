@@ -14,11 +14,13 @@ tensor made in Python, the gloo thread frees its Python object and takes the GIL
 interpreter has begun finalizing before that thread gets the GIL, CPython ends the thread with
 `PyThread_exit_thread()`, the unwind crosses a `noexcept` frame, and the process aborts with "terminate
 called without an active exception" (pytorch/pytorch#190489, #179291). `destroy_process_group()` would
-join those threads first, but here it cannot: `torch.distributed.nn.functional`, first imported after
-`init_process_group` (as `vgclip.model.loss` imports it), binds the live group as its functions' default
-`group=` argument, so the group and its threads outlive `destroy_process_group()` and run on into
-interpreter shutdown. A gloo thread descheduled under load long enough lands in that window: a rank that
-had put its results on the queue died of SIGABRT.
+join those threads first, but could not: `torch.distributed.nn.functional`, first imported after
+`init_process_group` (as `vgclip.model.loss` imported it until issue 21.3), binds the live group as its
+functions' default `group=` argument, so the group and its threads outlived `destroy_process_group()` and ran
+on into interpreter shutdown. A gloo thread descheduled under load long enough lands in that window: a rank
+that had put its results on the queue died of SIGABRT. `vgclip.model.loss` now imports it before any group
+exists (`tests/test_loss.py` checks that no gloo thread survives teardown); the harness below also ends its
+ranks without interpreter shutdown, so no other module doing the same can make a test fail by chance.
 
 So each rank here: runs `fn` -> reports its result (or its traceback) through a pipe, written before the
 call returns (an `mp.Queue` flushes from a background thread) -> waits until every rank has reported (no

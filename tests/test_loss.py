@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,24 @@ def test_bf16_autocast_loss_equals_fp32_loss():
         mixed = ClipLoss()(images, texts, scale)
     assert mixed.dtype == torch.float32
     assert mixed.item() == pytest.approx(fp32.item(), abs=1e-3)
+
+
+def _gloo_threads_after_teardown(rank: int, world: int) -> int:
+    """Gather through ClipLoss, leave the group, and count gloo's worker threads still alive in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    features = torch.eye(2, 4)[[rank]].requires_grad_(True)
+    ClipLoss(rank=rank, world_size=world)(features, features, 5.0).backward()
+    dist.barrier()
+    dist.destroy_process_group()
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    return sum(name.startswith("pt_gloo") for name in names)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+def test_leaving_the_group_stops_gloos_threads_after_a_gathered_loss():
+    """A process that used ClipLoss's gather and left its group must not carry gloo threads into interpreter
+    shutdown, where one freeing a tensor aborts the process (issue 21.3): the gather's module binds the group
+    current at its import as a default argument, so it must be imported before any group exists."""
+    assert run_gloo_workers(_gloo_threads_after_teardown, 2, args=(2,)) == [0, 0]

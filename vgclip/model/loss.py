@@ -16,12 +16,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# At import, before any process group exists: this module's functions bind the group current when it is first
+# imported as their default `group=`, which would keep a later group and gloo's threads alive past
+# destroy_process_group() into interpreter shutdown, where a gloo thread freeing a tensor aborts the process.
+if dist.is_available():
+    import torch.distributed.nn.functional as dist_fn
+
 
 def gather_with_grad(features: torch.Tensor, world_size: int) -> torch.Tensor:
     """Concatenate `features` from the `world_size` ranks of the default process group (rank order);
     gradients flow back to each rank's part."""
-    import torch.distributed.nn.functional as dist_fn
-
     if not dist.is_initialized() or dist.get_world_size() != world_size:
         raise RuntimeError(f"ClipLoss(world_size={world_size}) needs an initialised process group of that size")
     with warnings.catch_warnings():
