@@ -18,8 +18,8 @@ from vgclip.cli import main as cli
 # Settings that make the offline-small towers learn the synthetic scenes within a few minutes on a
 # 2-core CPU: small images (the shapes stay recognisable at 112 px), short phrases (16 tokens), and
 # the image tower's early blocks locked (ImageNet edges and textures serve as they are; backward
-# through the high-resolution early layers is most of a step's cost). Measured on 2 cores: about
-# 4 minutes end to end, zero-shot mAP 0.85 against a chance level of 0.23.
+# through the high-resolution early layers is most of a step's cost). README's results table has the
+# measured time and mAP.
 DEMO_OVERRIDES = (
     "model.image.image_size=112",
     "model.image.lock=true",
