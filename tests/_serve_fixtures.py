@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,25 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_PHOTOS = SHARED / "voc2012-sample" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Screenshots of the browser tests (kept out of the repository).
+ARTEFACTS = Path(os.environ.get("VGCLIP_TEST_ARTEFACTS", Path(__file__).resolve().parents[1] / ".pytest_cache" / "serve"))
+
+
+@contextmanager
+def chromium_page(width: int = 1280, height: int = 720) -> Iterator:
+    """A page of Debian's headless Chromium driven by Playwright (a browser download is not possible here);
+    ARTEFACTS exists for its screenshots. Skips where Playwright is not installed."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
 
 
 def make_run(folder: Path) -> Path:

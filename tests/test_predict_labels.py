@@ -4,11 +4,10 @@ threshold with a notice, labels name classes by their recorded text, and `vgclip
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from _serve_fixtures import live_server, make_report, make_run
+from _serve_fixtures import CHROMIUM, chromium_page, live_server, make_report, make_run
 from PIL import Image
 
 from vgclip.cli import main
@@ -16,7 +15,6 @@ from vgclip.errors import VgclipError
 from vgclip.eval.predict import threshold_notes
 from vgclip.eval.thresholds import label_thresholds, load_thresholds, match_class, save_thresholds
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VOC_LIKE = {
     "version": 1, "mode": "per_class", "objective": "f1", "score": "sigmoid", "templates": "single",
     "classes": ["aeroplane", "diningtable", "person", "tvmonitor"], "global": 0.1518,
@@ -111,26 +109,19 @@ def test_softmax_label_set_warning_follows_class_texts(run_dir: Path, image: Pat
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_tag_page_starts_at_the_global_threshold_and_shows_warnings(run_dir: Path, image: Path,
                                                                      tmp_path: Path) -> None:  # fmt: skip
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     report, _ = make_report(run_dir, tmp_path)
     info = json.loads((report / "thresholds.json").read_text())
     first = info["classes"][0]
-    with live_server(tmp_path, run_dir, report) as live, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(live.base + "/")
-            page.wait_for_function("document.getElementById('labels').value.length > 0")
-            start = float(page.input_value("#global-threshold"))
-            page.fill("#labels", f"{first}, tree")
-            page.set_input_files("#files", [str(image)])  # scored at once, with the file's score and templates
-            page.wait_for_selector("#warnings li")
-            warnings = page.locator("#warnings li").all_text_contents()
-            shown = {el.get_attribute("data-label"): float(el.input_value())
-                     for el in page.locator(".label-threshold").all()}  # fmt: skip
-        finally:
-            browser.close()
+    with live_server(tmp_path, run_dir, report) as live, chromium_page() as page:
+        page.goto(live.base + "/")
+        page.wait_for_function("document.getElementById('labels').value.length > 0")
+        start = float(page.input_value("#global-threshold"))
+        page.fill("#labels", f"{first}, tree")
+        page.set_input_files("#files", [str(image)])  # scored at once, with the file's score and templates
+        page.wait_for_selector("#warnings li")
+        warnings = page.locator("#warnings li").all_text_contents()
+        shown = {el.get_attribute("data-label"): float(el.input_value())
+                 for el in page.locator(".label-threshold").all()}  # fmt: skip
     assert start == pytest.approx(info["global"], abs=1e-9)  # not the first class's threshold
     assert len(warnings) == 1 and "no threshold for 'tree'" in warnings[0]
     assert shown == pytest.approx({first: info["per_class"][first], "tree": info["global"]}, abs=1e-4)

@@ -4,9 +4,7 @@ curl-like clients and headless Chromium), and the refusal of writes from other o
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,14 +12,12 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'vgclip[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from _serve_fixtures import live_server, make_report, make_run  # noqa: E402
+from _serve_fixtures import ARTEFACTS, CHROMIUM, chromium_page, live_server, make_report, make_run  # noqa: E402
 from vgclip.errors import VgclipError  # noqa: E402
 from vgclip.serve.auth import choose_token, is_loopback, same_origin  # noqa: E402
 from vgclip.serve.startup import ServeSetup, build_app, open_lines  # noqa: E402
 
 TOKEN = "test-token-0123456789abcdef"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTEFACTS = Path(os.environ.get("VGCLIP_TEST_ARTEFACTS", Path(__file__).resolve().parents[1] / ".pytest_cache" / "serve"))
 SAVE_BODY = {"mode": "global", "global_threshold": 0.5, "per_class": {}, "objective": "manual"}
 
 
@@ -179,30 +175,22 @@ def test_live_server_on_all_interfaces_needs_the_printed_token(open_server) -> N
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 @pytest.mark.slow
 def test_browser_opens_the_printed_url_then_the_cookie_carries_the_token(open_server, made) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     live, token = open_server
     saved = made[1] / "saved" / "thresholds.json"
     saved.unlink(missing_ok=True)
-    ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(60_000)
-            # A link on another site (here a blank page's): a SameSite=Strict cookie must still reach the page.
-            page.set_content(f'<a id="open" href="{live.base}/?token={token}">vgclip</a>')
-            page.click("#open")
-            page.wait_for_url(live.base + "/")  # the token is gone from the address bar
-            page.wait_for_function("document.getElementById('labels').value.length > 0")
-            page.click("nav a[href='/thresholds']")
-            page.wait_for_selector("#per-class tbody tr")
-            page.click("#save")  # the page's own POST: same origin, so accepted
-            page.wait_for_function("document.getElementById('save-status').textContent.startsWith('Saved')")
-            page.screenshot(path=str(ARTEFACTS / "thresholds-with-token.png"))
-            assert "token" not in page.url
-            (cookie,) = page.context.cookies()
-            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] == token
-            assert page.evaluate("document.cookie") == ""  # HttpOnly: page scripts cannot read it
-        finally:
-            browser.close()
+    with chromium_page(1280, 900) as page:
+        # A link on another site (here a blank page's): a SameSite=Strict cookie must still reach the page.
+        page.set_content(f'<a id="open" href="{live.base}/?token={token}">vgclip</a>')
+        page.click("#open")
+        page.wait_for_url(live.base + "/")  # the token is gone from the address bar
+        page.wait_for_function("document.getElementById('labels').value.length > 0")
+        page.click("nav a[href='/thresholds']")
+        page.wait_for_selector("#per-class tbody tr")
+        page.click("#save")  # the page's own POST: same origin, so accepted
+        page.wait_for_function("document.getElementById('save-status').textContent.startsWith('Saved')")
+        page.screenshot(path=str(ARTEFACTS / "thresholds-with-token.png"))
+        assert "token" not in page.url
+        (cookie,) = page.context.cookies()
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] == token
+        assert page.evaluate("document.cookie") == ""  # HttpOnly: page scripts cannot read it
     assert saved.is_file()  # written by the page's Save

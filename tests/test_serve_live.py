@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +17,9 @@ from PIL import Image
 httpx = pytest.importorskip("httpx2", reason="httpx2 is not installed (pip install 'vgclip[dev]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'vgclip[serve]')")
 
-from _serve_fixtures import REAL_PHOTOS, live_server, make_report, make_run  # noqa: E402
+from _serve_fixtures import ARTEFACTS, CHROMIUM, REAL_PHOTOS, chromium_page, live_server, make_report, make_run  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Screenshots for people to look at: kept after the run (the folder is git-ignored).
-ARTEFACTS = Path(os.environ.get("VGCLIP_TEST_ARTEFACTS", Path(__file__).resolve().parents[1] / ".pytest_cache" / "serve"))
 
 
 @pytest.fixture(scope="module")
@@ -75,27 +71,20 @@ def test_concurrent_load_no_errors_stable_memory(server) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 @pytest.mark.slow
 def test_pages_in_a_real_browser(server) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     base, report, _ = server
-    ARTEFACTS.mkdir(parents=True, exist_ok=True)
     photos = sorted(REAL_PHOTOS.glob("*.jpg"))[:3] if REAL_PHOTOS.is_dir() else []
     if not photos:
+        ARTEFACTS.mkdir(parents=True, exist_ok=True)
         photos = [ARTEFACTS / "synthetic.jpg"]
         photos[0].write_bytes(_jpeg(0))
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(60_000)
-            _tag_page(page, base, photos)
-            page.screenshot(path=str(ARTEFACTS / "tag.png"), full_page=True)
-            _threshold_page(page, base, report)
-            page.screenshot(path=str(ARTEFACTS / "thresholds.png"), full_page=True)
-            page.goto(base + "/docs")  # Swagger UI renders from files vgclip serves (Chromium has no internet here)
-            page.wait_for_selector('.opblock-summary-path[data-path="/api/predict"]')
-            page.screenshot(path=str(ARTEFACTS / "docs.png"))
-        finally:
-            browser.close()
+    with chromium_page(1280, 900) as page:
+        _tag_page(page, base, photos)
+        page.screenshot(path=str(ARTEFACTS / "tag.png"), full_page=True)
+        _threshold_page(page, base, report)
+        page.screenshot(path=str(ARTEFACTS / "thresholds.png"), full_page=True)
+        page.goto(base + "/docs")  # Swagger UI renders from files vgclip serves (Chromium has no internet here)
+        page.wait_for_selector('.opblock-summary-path[data-path="/api/predict"]')
+        page.screenshot(path=str(ARTEFACTS / "docs.png"))
 
 
 @pytest.mark.slow
@@ -129,24 +118,16 @@ def test_an_upload_over_the_limit_reads_as_413_whatever_the_client(server) -> No
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 @pytest.mark.slow
 def test_tag_page_says_an_upload_is_too_large(server, tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     base, _, _ = server
     big = tmp_path / "big.jpg"
     big.write_bytes(b"\0" * (21 * 1024 * 1024))  # over the 20 MiB limit: refused before anything decodes it
-    ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 700})
-            page.set_default_timeout(60_000)
-            page.goto(base + "/")
-            page.wait_for_function("document.getElementById('labels').value.length > 0")
-            page.set_input_files("#files", [str(big)])
-            page.wait_for_function("document.getElementById('status').classList.contains('error')")
-            text = page.text_content("#status")
-            page.screenshot(path=str(ARTEFACTS / "tag-too-large.png"))
-        finally:
-            browser.close()
+    with chromium_page(1280, 700) as page:
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('labels').value.length > 0")
+        page.set_input_files("#files", [str(big)])
+        page.wait_for_function("document.getElementById('status').classList.contains('error')")
+        text = page.text_content("#status")
+        page.screenshot(path=str(ARTEFACTS / "tag-too-large.png"))
     assert text.startswith("413: the upload is too large: 21.0 MiB"), text
 
 
