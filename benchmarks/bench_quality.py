@@ -126,12 +126,12 @@ def train_run(shards: Path, run_dir: Path, overrides: list[str], seed: int) -> f
 def zeroshot_map(run_dir: Path, overrides: list[str]) -> tuple[float, float]:
     """(mAP, chance) of the run on the VOC sample with its own eval settings, changed by `overrides`."""
     import vgclip
-    from vgclip.eval.zeroshot import ZeroshotOptions, evaluate_zeroshot
+    from vgclip.eval.voc_evaluation import ZeroshotSettings, evaluate_zeroshot
     from vgclip.model.checkpoint import checkpoint_eval_config
 
     eval_cfg = checkpoint_eval_config(str(run_dir), overrides)
     model, transform, tokenizer = vgclip.load_checkpoint(run_dir)
-    options = ZeroshotOptions(tune_split=None, num_workers=0, plots=False)
+    options = ZeroshotSettings(tune_split=None, num_workers=0, plots=False)
     report = evaluate_zeroshot(model, transform, tokenizer, VOC, "test", eval_cfg, options, device="cpu").report
     return float(report.mAP), float(report.chance_mean)
 

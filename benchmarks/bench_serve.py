@@ -1,7 +1,7 @@
 """Served predict throughput: N concurrent clients against `vgclip serve` beside offline `predict`, one run.
 
 Both sides score the same images against the 20 VOC classes with the same run:
-  offline: vgclip.eval.predict.predict (what `vgclip predict` runs) on the image files, in this process;
+  offline: vgclip.eval.tagging.predict (what `vgclip predict` runs) on the image files, in this process;
   served:  `vgclip serve` started as a real uvicorn server on 127.0.0.1; N client threads post one image per
            request to /api/predict until every image has been sent (bounded in count and in time).
 Rounds alternate between the two sides; the best round of each counts (the machine may be shared).
@@ -65,7 +65,7 @@ def make_run(folder: Path, config: str) -> Path:
 def offline_round(loaded: tuple, paths: list[Path], labels: list[str], crops: str) -> float:
     """Images/s of `predict` (model already loaded: the load is not part of either side's time), with the
     crops the server uses (the run's eval.crops)."""
-    from vgclip.eval.predict import predict
+    from vgclip.eval.tagging import predict
 
     model, transform, tokenizer = loaded
     start = time.perf_counter()

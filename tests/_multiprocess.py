@@ -19,7 +19,7 @@ join those threads first, but could not: `torch.distributed.nn.functional`, firs
 functions' default `group=` argument, so the group and its threads outlived `destroy_process_group()` and ran
 on into interpreter shutdown. A gloo thread descheduled under load long enough lands in that window: a rank
 that had put its results on the queue died of SIGABRT. `vgclip.model.loss` now imports it before any group
-exists (`tests/test_loss.py` checks that no gloo thread survives teardown); the harness below also ends its
+exists (`tests/model/test_loss.py` checks that no gloo thread survives teardown); the harness below also ends its
 ranks without interpreter shutdown, so no other module doing the same can make a test fail by chance.
 
 So each rank here: runs `fn` -> reports its result (or its traceback) through a pipe, written before the

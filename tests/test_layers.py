@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests._paths import ROOT
+
+ROOT = ROOT
 
 
 def test_imports_follow_the_layers():

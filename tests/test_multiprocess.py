@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from _multiprocess import Launcher, run_gloo_workers
+
+from tests._multiprocess import Launcher, run_gloo_workers
 
 
 def _sum_of_ranks(rank: int, scale: float) -> dict:

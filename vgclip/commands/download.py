@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     """Download, verify and install one dataset, then print where the readers should look."""
     # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
     from vgclip.download.fetch import FetchSettings, format_bytes
-    from vgclip.download.install import DownloadOptions, download_dataset
-    from vgclip.download.sources import MIRROR_ENV, get_source
+    from vgclip.download.install import DownloadSettings, download_dataset
+    from vgclip.download.archives import MIRROR_ENV, get_source
 
     if args.dataset != "vg" and not args.images:
         raise VgclipError("--no-images applies to vg only (VOC archives hold images and annotations together)")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     source = get_source(args.dataset, args.version)
     out = args.out or _DEFAULT_OUT[args.dataset]
     echo = (lambda message: None) if args.quiet else print
-    options = DownloadOptions(
+    options = DownloadSettings(
         mirror=args.mirror or os.environ.get(MIRROR_ENV) or None, images=args.images,
         keep_archives=args.keep_archives, fetch=FetchSettings(retries=args.retries, progress=not args.quiet),
         echo=echo,

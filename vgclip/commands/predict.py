@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the run, score the images, print a table or JSON."""
     import vgclip
 
-    from vgclip.eval.predict import format_table, predict, predict_settings, read_labels
+    from vgclip.eval.tagging import format_table, predict, predict_settings, read_labels
 
     labels = read_labels(args.labels, args.labels_file)
     settings = predict_settings(args.checkpoint, labels, thresholds_file=args.thresholds, threshold=args.threshold,

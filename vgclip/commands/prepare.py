@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 def _source(args: argparse.Namespace, cleaning, skips):
     """The record iterator of the chosen source and a description of the inputs for the manifest."""
     # the command's library, imported when it runs (the CLI and `vgclip --help` stay light)
-    from vgclip.prepare.sources import iter_coco_records, iter_csv_records
+    from vgclip.prepare.caption_sources import iter_coco_records, iter_csv_records
     from vgclip.prepare.visual_genome import iter_vg_records
 
     if args.vg_root is not None:

@@ -43,12 +43,12 @@ def run(args: argparse.Namespace) -> int:
     """Load the run once, then serve until Ctrl-C."""
     try:  # FastAPI and uvicorn are the optional `serve` extra: imported when the command runs
         from vgclip.serve.auth import TOKEN_ENV, choose_token
-        from vgclip.serve.startup import ServeSetup, build_app, open_lines, serve
+        from vgclip.serve.startup import ServeSettings, build_app, open_lines, serve
     except ImportError as exc:
         raise VgclipError(f"serving needs FastAPI and uvicorn: pip install 'vgclip[serve]' ({exc})") from None
     # Before the model loads: a contradictory or weak token should not cost a minute of loading first.
     token, generated = choose_token(args.host, args.token, args.no_token, os.environ.get(TOKEN_ENV))
-    setup = ServeSetup(args.checkpoint, args.report, args.thresholds, args.voc_root, args.save_thresholds,
+    setup = ServeSettings(args.checkpoint, args.report, args.thresholds, args.voc_root, args.save_thresholds,
                        args.device, args.max_upload_mb, args.max_pixels, batch_wait_ms=args.batch_wait_ms,
                        token=token)  # fmt: skip
     app = build_app(setup)

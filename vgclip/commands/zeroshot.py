@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from vgclip.errors import VgclipError
     from vgclip.eval.job import run_zeroshot
     from vgclip.eval.prompts import load_name_overrides
-    from vgclip.eval.report import summary_table
-    from vgclip.eval.zeroshot import ZeroshotOptions
+    from vgclip.eval.report_files import summary_table
+    from vgclip.eval.voc_evaluation import ZeroshotSettings
     from vgclip.export.model_card import refresh_after_zeroshot
     from vgclip.model.checkpoint import checkpoint_eval_config
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     eval_cfg = checkpoint_eval_config(args.checkpoint, overrides)
     if args.workers < 0:
         raise VgclipError("--workers must be 0 or more")
-    options = ZeroshotOptions(
+    options = ZeroshotSettings(
         tune_split=None if args.tune_split == "none" else args.tune_split,
         tune_on_eval=args.tune_on_eval,
         classes=args.classes,

@@ -18,7 +18,7 @@ loader replays that rotation over each worker's batch count (the plan's; evaluat
 shards) and rotates worker ids so that the rotation continues where it stopped. Exact unless a
 skipped-over image is corrupt (then the resumed epoch is shifted by that many samples).
 
-Shards may be local or remote (`vgclip.data.shards`). A remote shard whose stream breaks is read
+Shards may be local or remote (`vgclip.data.shard_locations`). A remote shard whose stream breaks is read
 again from its start (the samples already given are passed over) up to `SHARD_RETRIES` times, then
 counted as a `bad_tar` skip with its URL in `ShardLoader.failed_shards`; the epoch goes on.
 Samples may be vgclip's (`jpg` + `json` with regions) or img2dataset / open_clip ones (`jpg`,
@@ -48,7 +48,7 @@ from vgclip.data.epoch_plan import EpochPlan, plan_epoch
 from vgclip.data.images import BadImageError
 from vgclip.data.pairing import Box, choose_pair, mirror_text, stable_seed
 from vgclip.data.samples import RETRY_WAIT_S, RawSample, ShardRange, raw_samples, read_ranges, shard_sizes
-from vgclip.data.shards import Shard, is_pattern, list_shards, manifest_count
+from vgclip.data.shard_locations import Shard, is_pattern, list_shards, manifest_count
 from vgclip.data.transforms import PixelTransform, stack_images
 from vgclip.errors import VgclipError
 
@@ -90,7 +90,7 @@ def make_loader(
     every sample. `start_batch` resumes the epoch: the result yields exactly the batches
     `start_batch, start_batch + 1, ...` of a fresh loader with the same arguments.
     With `normalize=False`, images stay uint8 pixels: the caller moves them to its device and
-    applies `image_transform.normalize` there. `shard_dir` is any location `vgclip.data.shards` reads.
+    applies `image_transform.normalize` there. `shard_dir` is any location `vgclip.data.shard_locations` reads.
     """
     pairing = parse_pairing(data_cfg.pairing)
     _check_args(rank, world_size, start_batch)  # DataConfig checks its own values

@@ -16,7 +16,7 @@ from contextlib import closing
 from typing import Any, NamedTuple
 
 from vgclip.data.pairing import metadata_problem
-from vgclip.data.shards import READ_ERRORS, Shard, is_remote, read_samples
+from vgclip.data.shard_locations import READ_ERRORS, Shard, is_remote, read_samples
 
 logger = logging.getLogger(__name__)
 

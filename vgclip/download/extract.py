@@ -14,7 +14,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from vgclip.download.sources import Archive
+from vgclip.download.archives import Archive
 from vgclip.errors import VgclipError
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vgclip.download.extract import extract_into, extracted_size
 from vgclip.download.fetch import FetchSettings, ensure_free_space, fetch, format_bytes, part_path
-from vgclip.download.sources import Archive, DatasetSource
+from vgclip.download.archives import Archive, DatasetSource
 from vgclip.download.verify import verified_marker, verify_archive
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_write_text
@@ -35,7 +35,7 @@ def _quiet(message: str) -> None:
 
 
 @dataclass(frozen=True)
-class DownloadOptions:
+class DownloadSettings:
     """Where to fetch from, what to fetch, and how to report it."""
 
     mirror: str | None = None
@@ -66,7 +66,7 @@ def is_installed(out_dir: Path, archive: Archive) -> bool:
     return installed_marker(out_dir, archive).is_file() and all((out_dir / p).exists() for p in archive.provides)
 
 
-def download_dataset(source: DatasetSource, out_dir: str | Path, options: DownloadOptions = DownloadOptions()
+def download_dataset(source: DatasetSource, out_dir: str | Path, options: DownloadSettings = DownloadSettings()
                      ) -> DownloadResult:
     """Make `out_dir` hold `source` in the readers' layout; a second call checks the markers and does nothing."""
     out_dir = Path(out_dir)
@@ -132,7 +132,7 @@ def _space_needed(pending: list[Archive], archive_dir: Path, stage: Path) -> int
     return max(needed, 0)
 
 
-def _download(archive: Archive, archive_dir: Path, options: DownloadOptions) -> bool:
+def _download(archive: Archive, archive_dir: Path, options: DownloadSettings) -> bool:
     """Fetch (or resume) and verify one archive; True when bytes were fetched in this run."""
     path = archive_dir / archive.filename
     fetched = False
@@ -148,7 +148,7 @@ def _download(archive: Archive, archive_dir: Path, options: DownloadOptions) -> 
     return fetched
 
 
-def _extract(archive: Archive, path: Path, stage: Path, options: DownloadOptions) -> None:
+def _extract(archive: Archive, path: Path, stage: Path, options: DownloadSettings) -> None:
     """Extract into the staging folder unless a previous run finished this archive already."""
     done = stage / f".extracted-{archive.filename}"
     if done.exists():

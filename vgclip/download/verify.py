@@ -15,7 +15,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from vgclip.download.sources import Archive
+from vgclip.download.archives import Archive
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_write_text
 

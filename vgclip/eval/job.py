@@ -13,8 +13,8 @@ import torch
 
 from vgclip.config import EvalConfig
 from vgclip.eval.records import ZeroshotReport
-from vgclip.eval.report import write_outputs
-from vgclip.eval.zeroshot import ZeroshotOptions, evaluate_zeroshot
+from vgclip.eval.report_files import write_outputs
+from vgclip.eval.voc_evaluation import ZeroshotSettings, evaluate_zeroshot
 
 __all__ = ["run_zeroshot"]
 
@@ -27,12 +27,12 @@ def run_zeroshot(
     split: str = "test",
     eval_cfg: EvalConfig | None = None,
     out_dir: str | Path | None = None,
-    options: ZeroshotOptions | None = None,
+    options: ZeroshotSettings | None = None,
     device: torch.device | str | None = None,
 ) -> ZeroshotReport:
     """Evaluate `model` zero-shot on a VOC split; with `out_dir`, write report.json, report.md, scores.csv,
     thresholds.json and plots there. Returns the report (with its `files` when written)."""
-    opts = options or ZeroshotOptions()
+    opts = options or ZeroshotSettings()
     result = evaluate_zeroshot(model, image_transform, tokenizer, voc_root, split, eval_cfg, opts, device)
     if out_dir is None:
         return result.report

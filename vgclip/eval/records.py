@@ -1,5 +1,5 @@
 """The zero-shot report as a typed record: built by the evaluation (zeroshot.py), written by report.py and
-plots.py, read back from report.json by the threshold page (serve/report.py) and model cards (export/).
+plots.py, read back from report.json by the threshold page (serve/report_folder.py) and model cards (export/).
 
 JSON only at the edges: `ZeroshotReport.to_json()` is report.json, byte for byte in the key order readers
 and tests rely on; `from_dict()` parses a report.json once (an older or partial file gets the defaults).

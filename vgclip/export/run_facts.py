@@ -35,7 +35,7 @@ RUN_INFO_FILE = "run_info.json"
 METRICS_FILE = "metrics.csv"
 REPORT_DIR = "zeroshot"  # where `vgclip train --voc-root` writes its zero-shot report
 VAL_COLUMNS = ("loss", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-BEST_WEIGHTS = "best.safetensors"  # the best checkpoint's weights (train/tracking.py)
+BEST_WEIGHTS = "best.safetensors"  # the best checkpoint's weights (train/best_weights.py)
 PREPARED_SOURCES = ("vg", "coco", "csv")  # manifest.json inputs.source of `vgclip prepare`
 
 

@@ -1,7 +1,7 @@
 """Safetensors files of model weights: the one place vgclip reads and writes them.
 
 Used by run folders (model/checkpoint.py), open_clip folders (model/open_clip_folder.py and
-export/open_clip.py) and a run's best weights (train/tracking.py).
+export/open_clip.py) and a run's best weights (train/best_weights.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from vgclip.prepare.cleaning import CleaningSettings, Skips, assign_split
 from vgclip.data.images import DEFAULT_MAX_PIXELS
-from vgclip.prepare.shards import (
+from vgclip.prepare.shard_writer import (
     FORMATS, ShardResult, ShardTask, result_from_json, shard_name, state_path, tfrecord_writer_class, write_shard,
 )
 from vgclip.errors import VgclipError

@@ -26,14 +26,14 @@ from pydantic import BaseModel
 
 from vgclip.data.images import BadImageError
 from vgclip.errors import VgclipError
-from vgclip.eval.predict import threshold_notes
+from vgclip.eval.tagging import threshold_notes
 from vgclip.eval.prompts import readable_name
 from vgclip.eval.thresholds import label_thresholds, match_class
-from vgclip.serve import report as rep
+from vgclip.serve import report_folder as rep
 from vgclip.serve.auth import AccessGuard
 from vgclip.serve.engine import ImageTooLargeError, ScoringEngine, decode_upload, predicted_set
 from vgclip.serve.limits import DRAIN_FACTOR, BodyLimit
-from vgclip.serve.report import ReportData
+from vgclip.serve.report_folder import ReportData
 
 STATIC = Path(__file__).resolve().parent / "static"
 SCORE_KINDS = ("softmax", "sigmoid", "cosine")
@@ -42,7 +42,7 @@ MAX_LABELS = 200
 
 
 @dataclass
-class ServeOptions:
+class AppSettings:
     """Start-time choices: default labels and thresholds, request limits."""
 
     labels: list[str]
@@ -122,7 +122,7 @@ def parse_thresholds(text: str | None, labels: list[str]) -> list[float] | None:
 
 
 def file_thresholds(labels: list[str], score: str, templates: str,
-                    options: ServeOptions) -> tuple[list[float] | None, list[str]]:  # fmt: skip
+                    options: AppSettings) -> tuple[list[float] | None, list[str]]:  # fmt: skip
     """The start-time thresholds file applied to a request's labels, as `vgclip predict --thresholds` applies
     it (a label it does not name gets its global value), with the warnings the command prints; no thresholds
     (the top label) without a file, or when the request's score kind or templates are not the file's."""
@@ -140,7 +140,7 @@ def file_thresholds(labels: list[str], score: str, templates: str,
     return applied.values, threshold_notes(info, applied, score, options.labels_source)
 
 
-def scoring_texts(labels: list[str], options: ServeOptions) -> list[str]:
+def scoring_texts(labels: list[str], options: AppSettings) -> list[str]:
     """The text each label is scored with: a label naming a class of the thresholds file (by name or class text)
     is scored with that class's recorded text, as it was tuned; any other label as `vgclip predict` words it."""
     recorded = dict(options.class_texts or {})
@@ -170,7 +170,7 @@ def _choice(value: str | None, default: str, allowed: tuple[str, ...], name: str
     return value
 
 
-async def read_images(files: list[UploadFile], engine: ScoringEngine, options: ServeOptions) -> list[Any]:
+async def read_images(files: list[UploadFile], engine: ScoringEngine, options: AppSettings) -> list[Any]:
     """Decode and transform every upload (in worker threads); 413 for a bomb, 415 naming a non-image."""
     if not files:
         raise HTTPException(422, "no image uploaded (multipart field 'images')")
@@ -189,7 +189,7 @@ async def read_images(files: list[UploadFile], engine: ScoringEngine, options: S
     return tensors
 
 
-def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData | None = None) -> FastAPI:
+def create_app(engine: ScoringEngine, options: AppSettings, report: ReportData | None = None) -> FastAPI:
     """The web app: pages at / and /thresholds, the JSON API under /api, OpenAPI docs at /docs."""
     from contextlib import asynccontextmanager
 
@@ -243,7 +243,7 @@ def create_app(engine: ScoringEngine, options: ServeOptions, report: ReportData 
     return app
 
 
-def add_predict_route(app: FastAPI, engine: ScoringEngine, options: ServeOptions) -> None:
+def add_predict_route(app: FastAPI, engine: ScoringEngine, options: AppSettings) -> None:
     """POST /api/predict: the tag page's one call to the model."""
 
     @app.post("/api/predict")

@@ -10,16 +10,16 @@ import vgclip
 from vgclip.data.views import eval_transform
 from vgclip.data.voc import STANDARD_CLASSES
 from vgclip.errors import VgclipError
-from vgclip.eval.predict import predict_settings
+from vgclip.eval.tagging import predict_settings
 from vgclip.eval.thresholds import load_thresholds
-from vgclip.serve.app import ServeOptions, create_app
+from vgclip.serve.app import AppSettings, create_app
 from vgclip.serve.auth import TOKEN_ENV, is_loopback
 from vgclip.serve.engine import ScoringEngine
-from vgclip.serve.report import load_report
+from vgclip.serve.report_folder import load_report
 
 
 @dataclass(frozen=True)
-class ServeSetup:
+class ServeSettings:
     """What `vgclip serve` was asked to serve."""
 
     checkpoint: Path
@@ -35,7 +35,7 @@ class ServeSetup:
     token: str | None = None  # required by every route but /api/health when set (see vgclip.serve.auth)
 
 
-def default_options(setup: ServeSetup) -> Any:
+def default_options(setup: ServeSettings) -> Any:
     """Labels, score kind, templates and thresholds the pages start with: the thresholds file's (given, or the
     report's thresholds.json), else the 20 VOC classes with the run's eval settings."""
     file = setup.thresholds
@@ -51,13 +51,13 @@ def default_options(setup: ServeSetup) -> Any:
     limits = dict(zip(labels, chosen.thresholds)) if chosen.thresholds else None
     if setup.max_upload_mb <= 0 or setup.max_pixels <= 0:
         raise VgclipError("--max-upload-mb and --max-pixels must be positive")
-    return ServeOptions(labels, score=chosen.score, templates=chosen.templates, thresholds=limits, tuned=tuned,
+    return AppSettings(labels, score=chosen.score, templates=chosen.templates, thresholds=limits, tuned=tuned,
                         class_texts=chosen.texts, labels_source=source, crops=chosen.crops,
                         max_upload_bytes=int(setup.max_upload_mb * 1024 * 1024), max_pixels=setup.max_pixels,
                         token=setup.token, info={"checkpoint": str(setup.checkpoint)})  # fmt: skip
 
 
-def build_app(setup: ServeSetup) -> Any:
+def build_app(setup: ServeSettings) -> Any:
     """The FastAPI app with the model loaded (once) and the report read."""
     if not Path(setup.checkpoint).exists():
         raise VgclipError(f"{setup.checkpoint}: no such run folder or checkpoint")

@@ -37,7 +37,7 @@ from vgclip.data.epoch_plan import batches_per_rank, span_pieces
 from vgclip.data.images import BadImageError
 from vgclip.data.pairing import choose_pair, stable_seed
 from vgclip.data.samples import ShardRange, read_ranges, shard_sizes
-from vgclip.data.shards import Shard, is_pattern, is_remote, list_shards, read_manifest
+from vgclip.data.shard_locations import Shard, is_pattern, is_remote, list_shards, read_manifest
 from vgclip.data.transforms import PixelTransform, stack_images
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_path, atomic_write_text

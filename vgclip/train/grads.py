@@ -7,7 +7,7 @@ clipping reads and scales all of it; on a CPU that is a noticeable share of a lo
 (LiT) step, where the image tower does not run. With `keep_embedding_grads`, the table's backward
 is sparse, autograd adds those rows into a dense `.grad` buffer kept across steps, and
 `clip_gradients` / `zero_grads` touch only the rows the step wrote. AdamW still receives the same
-dense gradient, so every update is unchanged (tests/test_grads.py).
+dense gradient, so every update is unchanged (tests/train/test_grads.py).
 
 Measured where. The vgclip side of `benchmarks/bench_train.py` trains with it (README, "What it
 does, measured"); figures live there, where they can be rerun.

@@ -1,7 +1,7 @@
 """What a run reads: its training and validation shards, checked before anything is built, and what
 reading them skipped (the run summary's `skipped` and `failed_shards`).
 
-`--data` and `--val-data` take any location `vgclip.data.shards` reads (a prepared folder, the
+`--data` and `--val-data` take any location `vgclip.data.shard_locations` reads (a prepared folder, the
 same behind http(s) / s3 / gs, a brace pattern of tar files, `pipe:`). Validation reads, in order:
 `--val-data` (a folder's val split, or every shard of a pattern), else the val split of the
 `--data` folder when it has one; a pattern given as `--data` has no val split of its own.
@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from vgclip.config import DataConfig, parse_pairing
 from vgclip.data.loader import count_samples, list_shards
-from vgclip.data.shards import Shard, as_location, is_pattern, pattern_split
+from vgclip.data.shard_locations import Shard, as_location, is_pattern, pattern_split
 from vgclip.errors import VgclipError
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from vgclip.config import Config, config_to_dict, save_config
 from vgclip.data.epoch_plan import batches_per_rank
 from vgclip.data import loader as data_loader  # called as data_loader.make_loader: tests replace it there
-from vgclip.data.shards import as_location
+from vgclip.data.shard_locations import as_location
 from vgclip.errors import VgclipError
 from vgclip.export.model_card import finish_run_card
 from vgclip.model.checkpoint import save_model, save_text_tower_files
@@ -38,7 +38,7 @@ from vgclip.model.loss import ClipLoss
 from vgclip.summary import TrainSummary
 from vgclip.train import distributed as D
 from vgclip.train import state as S
-from vgclip.train import tracking
+from vgclip.train import best_weights, final_report, zeroshot_tracking
 from vgclip.train.advice import warn_small_data
 from vgclip.train.cache import CachedImageClip, build_feature_cache, cache_applies
 from vgclip.train.evaluate import validate
@@ -56,12 +56,12 @@ class RunContext:
 
     config: Config
     info: D.DistInfo
-    data_dir: Path | str  # a local folder, or a URL / shard pattern (vgclip.data.shards)
+    data_dir: Path | str  # a local folder, or a URL / shard pattern (vgclip.data.shard_locations)
     run_dir: Path
     val: ValSource | None  # where validation reads (inputs.py), None: no validation
     batches_per_epoch: int  # micro-batches every rank takes per epoch (data/epoch_plan.py)
     data_report: DataReport = field(default_factory=DataReport)  # skips of this session's loaders
-    val_voc: tracking.ValVoc | None = None  # --val-voc-root: scored zero-shot each epoch (tracking.py)
+    val_voc: zeroshot_tracking.ValVoc | None = None  # --val-voc-root: scored zero-shot each epoch (zeroshot_tracking)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
           val_voc_root: str | Path | None = None) -> dict[str, Any]:
     """Train CLIP on the shards at `data_dir`; write the run folder `out_dir`; return a summary.
 
-    `data_dir` / `val_data`: any location vgclip.data.shards reads (folder, URL, brace pattern, pipe:);
+    `data_dir` / `val_data`: any location vgclip.data.shard_locations reads (folder, URL, brace pattern, pipe:);
     validation reads `val_data` if given, else the val split of a `data_dir` folder (inputs.py).
 
     `resume`: "latest" (newest checkpoint of `out_dir`) or a checkpoint folder.
@@ -92,7 +92,7 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
     """
     run_dir = Path(out_dir)
     n_train, val_source = check_shards(data_dir, config.data, val_data)
-    val_voc = tracking.check_val_voc(val_voc_root, config)  # before any work, on every rank
+    val_voc = zeroshot_tracking.check_val_voc(val_voc_root, config)  # before any work, on every rank
     info = D.init_distributed()
     try:
         D.check_shared_folder(run_dir, info)  # before any rank reads (resume) or rank 0 writes the run folder
@@ -123,7 +123,7 @@ def train(config: Config, data_dir: str | Path, out_dir: str | Path, *, resume: 
                 logger.close()
         summary = _finish(ctx, parts, pos, n_train, last_loss, val, time.perf_counter() - started, start_step)
         if voc_root is not None and info.is_main:
-            summary = replace(summary, zeroshot=tracking.final_zeroshot(
+            summary = replace(summary, zeroshot=final_report.final_zeroshot(
                 parts.raw, parts.eval_tf, parts.tokenizer, ctx.config, ctx.run_dir, Path(voc_root), info.device))
         if info.is_main:  # after the zero-shot report, so the model card (RUN/README.md) can quote it
             finish_run_card(ctx.run_dir, summary, world_size=info.world_size, device=str(info.device))
@@ -315,13 +315,13 @@ def _end_of_epoch(ctx: RunContext, parts: Parts, opt: Optimization, pos: S.Posit
     if ctx.info.is_main:
         val, note = (_validate(ctx, parts) if ctx.val is not None else {}), ""
         if ctx.val_voc is not None:
-            value, note = tracking.zeroshot_map(parts.raw, parts.eval_tf, parts.tokenizer, ctx.val_voc, ctx.config,
-                                                ctx.info.device)
+            value, note = zeroshot_tracking.zeroshot_map(parts.raw, parts.eval_tf, parts.tokenizer, ctx.val_voc,
+                                                         ctx.config, ctx.info.device)
             val |= {} if value is None else {"zeroshot_map": value}
         if val or note:
             logger.log(pos.step, "val", epoch=epoch, **{k: v for k, v in val.items() if k != "samples"},
                        **({"note": note} if note else {}))
-        tracking.progress_line(epoch, val, pos, ctx.config.train.select_by)
+        zeroshot_tracking.progress_line(epoch, val, pos, ctx.config.train.select_by)
     D.barrier(ctx.info)  # the other ranks wait here while rank 0 evaluates
     if finished and pos.batch_in_epoch < ctx.batches_per_epoch and logger:  # data the epoch did not see
         logger.log(pos.step, "train", epoch=epoch, note=f"epoch ended after {pos.batch_in_epoch} of "
@@ -365,7 +365,7 @@ def _finish(ctx: RunContext, parts: Parts, pos: S.Position, n_train: int, loss: 
     best = None
     if ctx.info.is_main:
         save_model(ctx.run_dir, parts.raw, parts.tokenizer, ctx.config)
-        best = tracking.keep_best_weights(ctx.run_dir, ctx.config.train.select_by)  # RUN/best.safetensors
+        best = best_weights.keep_best_weights(ctx.run_dir, ctx.config.train.select_by)  # RUN/best.safetensors
     D.barrier(ctx.info)
     # this session's reads, all ranks: samples skipped by reason, shards that broke off (their URLs)
     reads = ctx.data_report.summary(lambda blob: D.gather_bytes(blob, ctx.info))

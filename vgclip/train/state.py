@@ -47,7 +47,7 @@ class Position:
     bad_steps: int = 0
     best_val_loss: float | None = None
     val_loss: float | None = None  # at this checkpoint, if validation ran just before it
-    best_zeroshot_map: float | None = None  # highest mAP on --val-voc-root so far (tracking.py)
+    best_zeroshot_map: float | None = None  # highest mAP on --val-voc-root so far (zeroshot_tracking.py)
     zeroshot_map: float | None = None  # at this checkpoint, if --val-voc-root was scored just before it
 
     def record_validation(self, val_loss: float | None, zeroshot_map: float | None) -> None:

@@ -1,0 +1,122 @@
+"""LiT feature cache at scale (issue 12.5): a parallel build (each rank its share of the rows, with loader
+workers) equals a one-process build bit for bit; every rank checks the fingerprint, which covers the tower,
+the transform, the decode path and the shards (URLs + manifest for remote ones); a stale cache is rebuilt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._multiprocess import run_gloo_workers
+from tests._train_fixtures import ToyClip, write_shards
+from vgclip.config import load_config
+from vgclip.data.shard_locations import list_shards
+from vgclip.data.transforms import build_image_transform
+from vgclip.errors import VgclipError
+from vgclip.train import distributed as D
+from vgclip.train.cache import CACHE_FILE, INDEX_FILE, build_feature_cache, fingerprint
+
+EVAL_TF = build_image_transform(24, train=False)
+# 150 images in shards of 40: blocks of 64 cross shard ends, and the last block is partial.
+N_TRAIN, PER_SHARD = 150, 40
+
+
+def _tower(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ToyClip().visual
+
+
+def _config(workers: int, *extra: str):
+    return load_config("tiny", [f"data.num_workers={workers}", "data.augment=false", "model.image.lock=true", *extra])
+
+
+def _build(shards: Path, run: Path, info: D.DistInfo, workers: int = 0, seed: int = 0, *extra: str):
+    run.mkdir(parents=True, exist_ok=True)
+    return build_feature_cache(_config(workers, *extra), data_dir=shards, run_dir=run, visual=_tower(seed),
+                               eval_tf=EVAL_TF, tokenizer=lambda texts: {"n": torch.zeros(len(texts))}, info=info)
+
+
+def _rank_worker(rank: int, shards: str, root: str) -> list[dict]:
+    """Both 2-rank scenarios in one process group (starting processes dominates the cost):
+    a build into a shared folder, then per-node folders where rank 1's holds a stale cache.
+    One torch thread per rank (tests/_multiprocess.py), as the reference build: the same float reduction order."""
+    info = D.init_distributed()  # from torchrun's variables (tests/_multiprocess.py sets them)
+    results = []
+    for run in (Path(root, "shared"), Path(root, f"node{rank}")):
+        try:
+            results.append({"rows": len(_build(Path(shards), run, info, workers=1))})
+        except VgclipError as exc:
+            results.append({"error": str(exc)})
+    return results
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("cache") / "shards", n_train=N_TRAIN, n_val=4, size=32,
+                        per_shard=PER_SHARD)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(shards, tmp_path_factory) -> tuple[Path, list[list[dict]]]:
+    root = tmp_path_factory.mktemp("two-ranks")
+    _build(shards, root / "node1", D.DistInfo(), seed=1)  # rank 1's per-node folder: a cache of another tower
+    # Fails if a rank raises, dies or runs past the time limit.
+    return root, run_gloo_workers(_rank_worker, 2, args=(str(shards), str(root)), timeout=240)
+
+
+@pytest.mark.slow
+def test_two_rank_build_equals_one_process_build_bit_for_bit(shards, two_ranks, tmp_path):
+    root, results = two_ranks
+    assert [r[0] for r in results] == [{"rows": N_TRAIN}] * 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _build(shards, tmp_path / "one", D.DistInfo())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(single) == N_TRAIN
+    two, one = load_file(str(root / "shared" / CACHE_FILE)), load_file(str(tmp_path / "one" / CACHE_FILE))
+    assert two["features"].shape == (N_TRAIN, 6) and torch.equal(two["features"], one["features"])
+    index_two = json.loads((root / "shared" / INDEX_FILE).read_text())
+    index_one = json.loads((tmp_path / "one" / INDEX_FILE).read_text())
+    assert index_two == index_one and index_one["keys"] == [f"vg-{i:09d}" for i in range(N_TRAIN)]
+
+
+@pytest.mark.slow
+def test_a_stale_cache_on_one_rank_is_detected(two_ranks):
+    """Rank 1 reads a per-node folder holding a cache from another tower: it must not train on it."""
+    root, results = two_ranks
+    assert all("does not see the feature cache rank 0 wrote" in r[1].get("error", "") for r in results), results
+    assert (root / "node0" / CACHE_FILE).is_file()  # rank 0 built it with rank 1's help
+
+
+def test_stale_cache_is_rebuilt_and_a_current_one_reused(shards, tmp_path):
+    run = tmp_path / "run"
+    first = _build(shards, run, D.DistInfo())
+    stamp = (run / CACHE_FILE).stat().st_mtime_ns
+    assert torch.equal(_build(shards, run, D.DistInfo()).features, first.features)
+    assert (run / CACHE_FILE).stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = _build(shards, run, D.DistInfo(), 0, 1)  # another tower: stale, rebuilt
+    assert not torch.equal(other.features, first.features)
+    slow_decode = _build(shards, run, D.DistInfo(), 0, 1, "data.fast_decode=false")  # another decode path
+    assert json.loads((run / INDEX_FILE).read_text())["fingerprint"] != _fingerprint_of(shards, fast_decode=True)
+    assert len(slow_decode) == N_TRAIN
+
+
+def _fingerprint_of(shards: Path, fast_decode: bool, seed: int = 1) -> str:
+    return fingerprint(_tower(seed), list_shards(shards, "train"), repr(EVAL_TF), fast_decode=fast_decode)
+
+
+def test_fingerprint_covers_decode_path_and_remote_shards_without_stat(shards):
+    assert _fingerprint_of(shards, True) != _fingerprint_of(shards, False)
+    urls = ["https://example.invalid/train/shard-000000.tar", "https://example.invalid/train/shard-000001.tar"]
+    manifest = {"splits": {"train": {"images": 80, "shards": ["train/shard-000000.tar", "train/shard-000001.tar"]}}}
+    base = fingerprint(_tower(), urls, "t", fast_decode=True, manifest=manifest)  # no stat(), no network
+    assert base == fingerprint(_tower(), urls, "t", fast_decode=True, manifest=dict(manifest))
+    assert base != fingerprint(_tower(), urls[:1], "t", fast_decode=True, manifest=manifest)
+    changed = {"splits": {"train": {**manifest["splits"]["train"], "images": 81}}}
+    assert base != fingerprint(_tower(), urls, "t", fast_decode=True, manifest=changed)
