@@ -18,14 +18,16 @@ from vgclip.eval.thresholds import LabelThresholds, label_thresholds, load_thres
 from vgclip.model.checkpoint import checkpoint_eval_config
 from vgclip.names import read_name_file, split_comma_list
 
-__all__ = ["PredictSettings", "format_table", "predict", "predict_settings", "read_labels", "threshold_notes"]
+__all__ = ["LabelScorer", "PredictSettings", "format_table", "label_scorer", "predict", "predict_settings",
+           "read_labels", "threshold_notes"]
 
 
 @dataclass(frozen=True)
 class PredictSettings:
     """How `vgclip predict` and `vgclip serve` score a label set: the score kind, prompt templates, crops,
-    a threshold per label (None: predict the top label), class texts (None: the labels themselves) and
-    notices about how the thresholds file fits the labels (one line each)."""
+    a threshold per label (None: predict the top label), class texts (None: the labels themselves),
+    notices about how the thresholds file fits the labels (one line each), where the thresholds came from
+    ("file PATH", "--threshold" or "none: top label") and the file's global threshold (or --threshold's)."""
 
     score: str
     templates: str
@@ -33,6 +35,46 @@ class PredictSettings:
     thresholds: list[float] | None = None
     texts: dict[str, str] | None = None
     notices: tuple[str, ...] = ()
+    threshold_source: str = "none: top label"
+    global_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class LabelScorer:
+    """A label set ready to score unit image embeddings: class embeddings [C, D], the score kind, the
+    model's logit scale and bias, and a threshold per label (None: the top label is predicted)."""
+
+    labels: tuple[str, ...]
+    class_emb: torch.Tensor
+    kind: str
+    scale: float
+    bias: float
+    thresholds: tuple[float, ...] | None
+
+    def scores(self, image_emb: torch.Tensor) -> np.ndarray:
+        """Scores [N, C] (float64) of unit image embeddings [N, D]."""
+        return score_embeddings(image_emb, self.class_emb, self.kind, self.scale, self.bias)[0]
+
+    def chosen(self, row: Sequence[float]) -> list[str]:
+        """The predicted labels of one image's scores: score >= threshold, else the top label."""
+        if self.thresholds is None:
+            return [self.labels[int(np.argmax(row))]]
+        return [lab for lab, s, t in zip(self.labels, row, self.thresholds) if s >= t]
+
+
+@torch.inference_mode()
+def label_scorer(model: Any, tokenizer: Callable, labels: Sequence[str], settings: PredictSettings,
+                 device: torch.device | str, sample: torch.Tensor | None = None) -> LabelScorer:
+    """Encode `labels` (their class texts, `settings.templates`) and read the model's logit scale and bias.
+    `sample` (one model input) is needed only by models without get_logit_scale()."""
+    texts = [readable_name(label, settings.texts) for label in labels]
+    prompts = templates_for(settings.templates)
+    class_emb = build_text_classifier(model, tokenizer, texts, prompts, device)
+    tokens = {k: v.to(device) for k, v in tokenizer([prompts[0].format(texts[0])]).items()}
+    scale = logit_scale_of(model, sample, tokens)
+    bias = float(getattr(model, "logit_bias", 0.0) or 0.0)
+    limits = None if settings.thresholds is None else tuple(settings.thresholds)
+    return LabelScorer(tuple(labels), class_emb.float().cpu(), settings.score, scale, bias, limits)
 
 
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
@@ -62,25 +104,17 @@ def predict(
     """Per image: the score of every label and the predicted labels (score >= threshold, else the top one)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
-    texts = [readable_name(label, class_texts) for label in labels]
-    prompts = templates_for(templates)
-    class_emb = build_text_classifier(model, tokenizer, texts, prompts, dev)
     enc = encode_images(model, list(images), image_transform, batch_size=32, num_workers=0, device=dev, crops=crops)
     if enc.failed:
         index, reason = enc.failed[0]
         more = f" (and {len(enc.failed) - 1} more unreadable)" if len(enc.failed) > 1 else ""
         raise VgclipError(f"cannot read image {reason}{more}")
-    tokens = {k: v.to(dev) for k, v in tokenizer([prompts[0].format(texts[0])]).items()}
-    scale = logit_scale_of(model, enc.sample, tokens)
-    bias = float(getattr(model, "logit_bias", 0.0) or 0.0)
-    scores, _ = score_embeddings(enc.embeddings, class_emb.cpu(), score, scale, bias)
+    settings = PredictSettings(score, templates, crops, None if thresholds is None else list(thresholds), class_texts)
+    scorer = label_scorer(model, tokenizer, labels, settings, dev, enc.sample)
     results = []
-    for path, row in zip(images, scores):
-        if thresholds is None:
-            chosen = [labels[int(np.argmax(row))]]
-        else:
-            chosen = [lab for lab, s, t in zip(labels, row, thresholds) if s >= t]
-        results.append({"image": str(path), "scores": dict(zip(labels, map(float, row))), "predicted": chosen})
+    for path, row in zip(images, scorer.scores(enc.embeddings)):
+        results.append({"image": str(path), "scores": dict(zip(labels, map(float, row))),
+                        "predicted": scorer.chosen(row)})
     return results
 
 
@@ -99,28 +133,35 @@ def threshold_notes(info: dict[str, Any], applied: LabelThresholds, score: str, 
 
 def predict_settings(checkpoint: str | Path, labels: Sequence[str], *, thresholds_file: Path | None = None,
                      threshold: float | None = None, score: str | None = None,
-                     templates: str | None = None) -> PredictSettings:
+                     templates: str | None = None, crops: str | None = None) -> PredictSettings:
     """Score kind, templates, crops, per-label thresholds and class texts: explicit choices first, then the
-    thresholds file, then the run's config. A choice that contradicts the thresholds file is an error.
+    thresholds file, then the run's config. A choice that contradicts the thresholds file is an error
+    (`crops`: centre or multi, a file from before eval.crops records none and takes any).
     A label the file does not name (by class name or class text) gets the file's global threshold."""
     eval_cfg = checkpoint_eval_config(checkpoint, [])
-    kind, prompts, crops = eval_cfg.score, eval_cfg.templates, eval_cfg.crops
+    kind, prompts, run_crops = eval_cfg.score, eval_cfg.templates, eval_cfg.crops
+    if crops not in (None, "centre", "multi"):
+        raise VgclipError(f"--crops {crops}: expected centre or multi")
     if thresholds_file is None:
-        limits = None if threshold is None else [threshold] * len(labels)
-        return PredictSettings(score or kind, templates or prompts, crops, limits)
+        if threshold is None:
+            return PredictSettings(score or kind, templates or prompts, crops or run_crops)
+        return PredictSettings(score or kind, templates or prompts, crops or run_crops, [threshold] * len(labels),
+                               threshold_source="--threshold", global_threshold=threshold)
     info = load_thresholds(thresholds_file)
-    for key, flag in (("score", score), ("templates", templates)):
+    for key, flag in (("score", score), ("templates", templates), ("crops", crops)):
         saved = info.get(key)
         if flag and saved and flag != saved:
             raise VgclipError(f"{thresholds_file} was tuned with {key}={saved}; --{key} {flag} would not match it")
     kind, prompts = info.get("score") or kind, info.get("templates") or prompts
     # The scores the thresholds were tuned on came from these crops (files from before eval.crops: centre).
-    crops = info.get("crops", "centre")
+    crops = info.get("crops") or crops or "centre"
     applied = label_thresholds(info, labels, str(thresholds_file))
     # A label that names a class by its text is scored with that class's recorded text, as it was tuned.
     texts = {**(info.get("class_texts") or {}), **applied.texts}
     notes = threshold_notes(info, applied, kind, str(thresholds_file))
-    return PredictSettings(kind, prompts, crops, applied.values, texts, tuple(notes))
+    found = info.get("global")
+    return PredictSettings(kind, prompts, crops, applied.values, texts, tuple(notes), f"file {thresholds_file}",
+                           None if found is None else float(found))
 
 
 def format_table(results: list[dict[str, Any]], labels: Sequence[str]) -> str:
