@@ -37,7 +37,7 @@ def _predict_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
 def test_json_scores_and_default_top_label(run_dir: Path, images: list[Path], capsys: pytest.CaptureFixture) -> None:
     out = _predict_json(capsys, ["--checkpoint", str(run_dir), "--labels", "cat, dog,person", *map(str, images)])
     assert out["score"] == "softmax" and out["thresholds"] is None
-    assert [r["image"] for r in out["results"]] == [str(p) for p in images]
+    assert [r["image"] for r in out["results"]] == sorted(str(p) for p in images)  # sorted paths (issue 27.1)
     for r in out["results"]:
         assert list(r["scores"]) == ["cat", "dog", "person"]
         assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -68,17 +68,23 @@ def test_thresholds_file_per_label(run_dir: Path, images: list[Path], tmp_path: 
 def test_table_output(run_dir: Path, images: list[Path], capsys: pytest.CaptureFixture) -> None:
     assert main(["predict", "--checkpoint", str(run_dir), "--labels", "cat,dog", *map(str, images)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:3] == ["image", "cat", "dog"] and lines[2].startswith("red.png")
+    assert lines[1].split()[:3] == ["image", "cat", "dog"] and lines[2].startswith("blue.jpg")  # sorted paths
 
 
-def test_unreadable_image_is_one_line_error(run_dir: Path, images: list[Path], tmp_path: Path,
+def test_unreadable_image_is_a_counted_skip(run_dir: Path, images: list[Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is text, not a JPEG")
-    assert main(["predict", "--checkpoint", str(run_dir), "--labels", "cat", str(images[0]), str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "notes.jpg" in err and "cannot read image" in err
-    assert "BytesIO" not in err and err.endswith("notes.jpg: not_an_image (not a JPEG, PNG, GIF, BMP, WEBP or TIFF image)")
+    assert main(["predict", "--checkpoint", str(run_dir), "--labels", "cat", str(images[0]), str(bad)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2].startswith("red.png")  # the good image is still printed
+    skip, total = err.strip().splitlines()  # one line naming the file and the problem, then the counts
+    assert "notes.jpg" in skip and "BytesIO" not in skip
+    assert skip.endswith("notes.jpg: not_an_image (not a JPEG, PNG, GIF, BMP, WEBP or TIFF image)")
+    assert total.endswith("1 images scored, 1 skipped (not_an_image: 1)")
+    assert main(["predict", "--checkpoint", str(run_dir), "--labels", "cat", str(bad)]) == 2  # nothing scored
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "no image could be scored (1 skipped: not_an_image: 1)")
 
 
 def test_read_labels(tmp_path: Path) -> None:
