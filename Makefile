@@ -39,7 +39,8 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done
+	for b in $(filter-out benchmarks/bench_scale.py,$(wildcard benchmarks/bench_*.py)); do $(BIN)/python $$b; done
+	$(BIN)/python benchmarks/bench_scale.py --fraction 0.1
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -159,7 +159,8 @@ def _image_set_lines(ids: list[str], labels: dict[str, dict[str, int]], cls: str
     return "".join(f"{i} {labels[i].get(cls, -1):2d}\n" for i in ids)
 
 
-def _write_image_sets(main: Path, splits: dict[str, list[str]], labels: dict[str, dict[str, int]]) -> None:
+def write_image_sets(main: Path, splits: dict[str, list[str]], labels: dict[str, dict[str, int]]) -> None:
+    """ImageSets/Main/<split>.txt and <class>_<split>.txt for every split (labels: image id -> class -> 1/0/-1)."""
     for split, ids in splits.items():
         atomic_write_text(main / f"{split}.txt", _image_set_lines(ids, labels, None))
         for cls in SYNTH_CLASSES:
@@ -206,6 +207,6 @@ def write_synthetic_voc(
             counts["images"] += 1
             counts["objects"] += len(scene.objects)
             counts["difficult"] += sum(difficult)
-        _write_image_sets(voc / "ImageSets" / "Main", splits, labels)
+        write_image_sets(voc / "ImageSets" / "Main", splits, labels)
     counts["trainval"], counts["test"] = len(splits["trainval"]), len(splits["test"])
     return counts
