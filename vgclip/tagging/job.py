@@ -182,7 +182,7 @@ def _encode_units(units: list[Unit], loaded: _Model, settings: TaggingSettings, 
             scored += len(batch.keys)
             skipped += len(batch.skips)
             if bar is not None:
-                bar.update(len(batch.keys) + (len(batch.skips) if batch.shard is None else 0))
+                bar.update(len(batch.keys) + len(batch.skips))
                 bar.set_postfix(skipped=skipped, refresh=False)
             part = encoder.add(batch)
             if part is not None:
@@ -202,6 +202,8 @@ def run_tagging(settings: TaggingSettings, on_skip: Callable[[Skip], None] | Non
                           f"to {STDOUT_LIMIT}; --out runs in parts, resumable, with embeddings)")
     ranks = join_ranks(settings.device)
     try:
+        if settings.out is None and ranks.world_size > 1:
+            raise VgclipError("several processes (torchrun) write their parts to a folder: give --out DIR")
         loaded = load_model(settings, ranks.device)
         if settings.out is None:
             return _to_memory(settings, inputs, loaded, ranks, on_skip)
