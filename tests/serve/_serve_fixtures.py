@@ -83,16 +83,19 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(root: Path, run: Path, report: Path, *extra: str, host: str = "127.0.0.1") -> Iterator[LiveServer]:
-    """`vgclip serve` on a free port, bound to `host` and reached through 127.0.0.1; waits until /api/health
-    answers (it needs no token), stops it with SIGINT after and checks that it exits cleanly."""
+def live_server(root: Path, run: Path, report: Path | None, *extra: str,
+                host: str = "127.0.0.1") -> Iterator[LiveServer]:  # fmt: skip
+    """`vgclip serve` on a free port (with `--report report` unless it is None), bound to `host` and reached
+    through 127.0.0.1; waits until /api/health answers (it needs no token), stops it with SIGINT after and checks
+    that it exits cleanly."""
     from tests._train_fixtures import free_port
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VGCLIP_SERVE_TOKEN", None)  # the tests say which token they want
     log_path = root / f"serve-{port}.log"
-    argv = [sys.executable, "-m", "vgclip.cli", "serve", "--checkpoint", str(run), "--report", str(report),
+    shown = ["--report", str(report)] if report is not None else []
+    argv = [sys.executable, "-m", "vgclip.cli", "serve", "--checkpoint", str(run), *shown,
             "--host", host, "--port", str(port), *extra]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)

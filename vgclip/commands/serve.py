@@ -14,14 +14,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `vgclip serve`."""
     p = subparsers.add_parser(
         "serve",
-        help="web app and JSON API: tag images, tune thresholds on a zero-shot report",
+        help="web app and JSON API: tag images, tune thresholds on a zero-shot report, browse a tagged collection",
         description="Serve a trained run on http://HOST:PORT/: the tag page (/), the threshold page (/thresholds, "
-        "with --report) and the JSON API (/api/..., documented at /docs). Needs `pip install 'vgclip[serve]'`.",
+        "with --report), the collection page (/collection, with --collection) and the JSON API (/api/..., documented "
+        "at /docs). Needs `pip install 'vgclip[serve]'`.",
     )
     p.add_argument("--checkpoint", required=True, type=Path, help="run folder (or its model.safetensors), or an open_clip export folder")
     p.add_argument("--report", type=Path, help="a `vgclip zeroshot` output folder for the threshold page")
     p.add_argument("--thresholds", type=Path, help="thresholds.json for the default labels and thresholds "
                    "(default: the report's thresholds.json)")  # fmt: skip
+    p.add_argument("--collection", type=Path, help="a `vgclip predict --out` folder for the collection page "
+                   "(/collection): browse, filter by label, search by text")  # fmt: skip
     p.add_argument("--voc-root", type=Path, help="VOC folder of the report's images (default: the one it names)")
     p.add_argument("--save-thresholds", type=Path,
                    help="where 'Save thresholds' writes (default: REPORT/saved/thresholds.json)")  # fmt: skip
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     token, generated = choose_token(args.host, args.token, args.no_token, os.environ.get(TOKEN_ENV))
     setup = ServeSettings(args.checkpoint, args.report, args.thresholds, args.voc_root, args.save_thresholds,
                        args.device, args.max_upload_mb, args.max_pixels, batch_wait_ms=args.batch_wait_ms,
-                       token=token)  # fmt: skip
+                       token=token, collection=args.collection)  # fmt: skip
     app = build_app(setup)
     for line, warning in open_lines(args.host, args.port, token, generated, args.no_token):
         print(line, file=sys.stderr if warning else sys.stdout, flush=True)

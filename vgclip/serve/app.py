@@ -31,6 +31,8 @@ from vgclip.eval.prompts import readable_name
 from vgclip.eval.thresholds import label_thresholds, match_class
 from vgclip.serve import report_folder as rep
 from vgclip.serve.auth import AccessGuard
+from vgclip.serve.collection import Collection
+from vgclip.serve.collection_routes import add_collection_routes
 from vgclip.serve.engine import ImageTooLargeError, ScoringEngine, decode_upload, predicted_set
 from vgclip.serve.limits import DRAIN_FACTOR, BodyLimit
 from vgclip.serve.report_folder import ReportData
@@ -189,8 +191,9 @@ async def read_images(files: list[UploadFile], engine: ScoringEngine, options: A
     return tensors
 
 
-def create_app(engine: ScoringEngine, options: AppSettings, report: ReportData | None = None) -> FastAPI:
-    """The web app: pages at / and /thresholds, the JSON API under /api, OpenAPI docs at /docs."""
+def create_app(engine: ScoringEngine, options: AppSettings, report: ReportData | None = None,
+               collection: Collection | None = None) -> FastAPI:  # fmt: skip
+    """The web app: pages at /, /thresholds and /collection, the JSON API under /api, OpenAPI docs at /docs."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -226,7 +229,8 @@ def create_app(engine: ScoringEngine, options: AppSettings, report: ReportData |
         return {"status": "ok", **options.info, "uptime_s": round(time.monotonic() - started, 1),
                 "batches": engine.batcher.batches, "batched_images": engine.batcher.images,
                 "text_builds": engine.text_builds,
-                "rss_bytes": rss_bytes(), "report": report is not None}  # fmt: skip
+                "rss_bytes": rss_bytes(), "report": report is not None,
+                "collection": None if collection is None else len(collection)}  # fmt: skip
 
     @app.get("/api/labels")
     def labels() -> dict[str, Any]:
@@ -240,6 +244,7 @@ def create_app(engine: ScoringEngine, options: AppSettings, report: ReportData |
 
     add_predict_route(app, engine, options)
     add_report_routes(app, report)
+    add_collection_routes(app, engine, collection, STATIC)
     return app
 
 

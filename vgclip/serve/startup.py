@@ -1,4 +1,5 @@
-"""Starting `vgclip serve`: load the run once, read the report, pick default labels and thresholds, run uvicorn."""
+"""Starting `vgclip serve`: load the run once, read the report and the collection, pick default labels and
+thresholds, run uvicorn."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from vgclip.eval.tagging import predict_settings
 from vgclip.eval.thresholds import load_thresholds
 from vgclip.serve.app import AppSettings, create_app
 from vgclip.serve.auth import TOKEN_ENV, is_loopback
+from vgclip.serve.collection import load_collection
+from vgclip.serve.collection_routes import check_collection
 from vgclip.serve.engine import ScoringEngine
 from vgclip.serve.report_folder import load_report
 
@@ -33,6 +36,7 @@ class ServeSettings:
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     token: str | None = None  # required by every route but /api/health when set (see vgclip.serve.auth)
+    collection: Path | None = None  # a `vgclip predict --out` folder for the Collection page
 
 
 def default_options(setup: ServeSettings) -> Any:
@@ -58,19 +62,22 @@ def default_options(setup: ServeSettings) -> Any:
 
 
 def build_app(setup: ServeSettings) -> Any:
-    """The FastAPI app with the model loaded (once) and the report read."""
+    """The FastAPI app with the model loaded (once), the report and the collection read."""
     if not Path(setup.checkpoint).exists():
         raise VgclipError(f"{setup.checkpoint}: no such run folder or checkpoint")
     options = default_options(setup)
     report = None
     if setup.report is not None:
         report = load_report(setup.report, save_path=setup.save_thresholds, voc_root=setup.voc_root)
+    collection = load_collection(setup.collection) if setup.collection is not None else None
     model, transform, tokenizer = vgclip.load_checkpoint(setup.checkpoint)
     transform = eval_transform(transform, options.crops)
     engine = ScoringEngine(model, transform, tokenizer, device=setup.device, max_batch=setup.max_batch,
                            max_wait_s=setup.batch_wait_ms / 1000)  # fmt: skip
     options.info["device"] = str(engine.device)
-    return create_app(engine, options, report)
+    if collection is not None:
+        collection.warnings = check_collection(collection, engine, setup.checkpoint)
+    return create_app(engine, options, report, collection)
 
 
 def open_lines(host: str, port: int, token: str | None, generated: bool, no_token: bool) -> list[tuple[str, bool]]:
@@ -81,7 +88,7 @@ def open_lines(host: str, port: int, token: str | None, generated: bool, no_toke
     # A wildcard address is no URL to open: name this machine instead.
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
     base = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
-    pages = "threshold page: /thresholds, API docs: /docs"
+    pages = "threshold page: /thresholds, collection page: /collection, API docs: /docs"
     if token is not None and generated:
         url = f"{base}?token={token}"
         return [(f"vgclip serve: open {url} (the token sets a cookie; {pages}; API clients send Authorization: "
