@@ -268,6 +268,10 @@ def test_collection_page_in_a_real_browser(setup, tmp_path: Path) -> None:
         page.wait_for_function(f"document.getElementById('status').dataset.total === '{len(cat)}'")
         shown = [int(r) for r in page.locator("#items .item").evaluate_all("els => els.map(e => e.dataset.row)")]
         assert shown == cat[:48].tolist()
+        page.fill('#label-thresholds tr[data-label="cat"] input.label-threshold', "0.8")  # its slider
+        strict = np.flatnonzero(rows.scores[:, 0] >= 0.8)
+        page.wait_for_function(f"document.getElementById('status').dataset.total === '{len(strict)}'")
+        assert page.text_content('#label-thresholds tr[data-label="cat"] .count') == str(len(strict))
         page.uncheck('#label-thresholds tr[data-label="cat"] input.pick')
         page.fill("#query", QUERY)
         page.click("#search")
