@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-__all__ = ["write_renumbered_voc"]
+__all__ = ["VOC_LIKE", "write_renumbered_voc"]
 
 
 def write_renumbered_voc(src: Path, dst: Path) -> Path:
@@ -28,3 +28,13 @@ def write_renumbered_voc(src: Path, dst: Path) -> Path:
         shutil.copyfile(src_root / "Annotations" / f"{old}.xml", voc / "Annotations" / f"{new}.xml")
     (voc / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{i}\n" for i in new_ids))
     return dst
+
+
+# A thresholds.json as `vgclip zeroshot` writes it for VOC classes (per class, with recorded class texts).
+VOC_LIKE = {
+    "version": 1, "mode": "per_class", "objective": "f1", "score": "sigmoid", "templates": "single",
+    "classes": ["aeroplane", "diningtable", "person", "tvmonitor"], "global": 0.1518,
+    "per_class": {"aeroplane": 0.142, "diningtable": 0.2, "person": 0.3, "tvmonitor": 0.4},
+    "class_texts": {"aeroplane": "airplane", "diningtable": "dining table", "person": "person",
+                    "tvmonitor": "tv monitor"},
+}  # fmt: skip

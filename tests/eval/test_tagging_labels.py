@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests._voc_fixtures import VOC_LIKE
 from tests.serve._serve_fixtures import CHROMIUM, chromium_page, live_server, make_report, make_run
 from vgclip.cli import main
 from vgclip.errors import VgclipError
 from vgclip.eval.tagging import threshold_notes
 from vgclip.eval.thresholds import label_thresholds, load_thresholds, match_class, save_thresholds
 
-VOC_LIKE = {
-    "version": 1, "mode": "per_class", "objective": "f1", "score": "sigmoid", "templates": "single",
-    "classes": ["aeroplane", "diningtable", "person", "tvmonitor"], "global": 0.1518,
-    "per_class": {"aeroplane": 0.142, "diningtable": 0.2, "person": 0.3, "tvmonitor": 0.4},
-    "class_texts": {"aeroplane": "airplane", "diningtable": "dining table", "person": "person",
-                    "tvmonitor": "tv monitor"},
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'vgclip[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from tests._voc_fixtures import VOC_LIKE
 from tests.serve._serve_fixtures import REAL_PHOTOS, make_report, make_run  # noqa: E402
 from vgclip.cli import main  # noqa: E402
 
@@ -230,8 +231,6 @@ def test_labels_the_file_lacks_take_its_global_threshold_with_warnings(served, i
 
 
 def test_file_thresholds_rule_as_vgclip_predict() -> None:
-    from test_predict_labels import VOC_LIKE
-
     from vgclip.serve.app import AppSettings, file_thresholds, scoring_texts
 
     options = AppSettings(list(VOC_LIKE["classes"]), "softmax", "single", tuned={**VOC_LIKE, "score": "softmax"},
