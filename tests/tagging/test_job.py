@@ -125,3 +125,13 @@ def test_without_out_good_images_are_printed_and_bad_ones_counted(run_dir: Path,
     assert len(results["results"]) == 3 and {s["image"]: s["reason"] for s in results["skipped"]} == bad
     assert len(err.strip().splitlines()) == 4 and err.strip().splitlines()[-1].endswith(
         "3 images scored, 3 skipped (empty_file: 1, not_an_image: 1, truncated: 1)")
+
+
+def test_without_out_a_large_collection_is_pointed_to_out(run_dir: Path, photos, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from vgclip.tagging import job
+
+    monkeypatch.setattr(job, "STDOUT_LIMIT", 2)
+    assert main(["predict", "--checkpoint", str(run_dir), "--labels", "cat", str(photos[0] / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "3 images: give --out DIR" in err

@@ -73,5 +73,7 @@ def test_retag_refusals(stored, tmp_path: Path, capsys: pytest.CaptureFixture) -
     (other / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes() + b" ")
     assert main(["predict", "--embeddings", str(out), "--labels", "cat", "--checkpoint", str(other)]) == 2
     assert "other weights" in capsys.readouterr().err
+    assert main(["predict", "--embeddings", str(out), "--labels", "cat", "--crops", "centre"]) == 2
+    assert "were made with crops=multi" in capsys.readouterr().err
     assert main(["predict", "--embeddings", str(tmp_path), "--labels", "cat"]) == 2
     assert "no summary.json" in capsys.readouterr().err

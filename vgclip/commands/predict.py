@@ -155,7 +155,7 @@ def _retag(args: argparse.Namespace, labels: list[str]) -> int:
 
     settings = RetagSettings(args.embeddings, tuple(labels), args.thresholds, args.threshold, args.score,
                              args.templates, None if args.checkpoint is None else Path(args.checkpoint), args.out,
-                             args.format, args.device)  # fmt: skip
+                             args.format, args.device, args.crops)  # fmt: skip
     result = run_retag(settings)
     for note in result.predict.notices:
         print(f"vgclip predict: {note}", file=sys.stderr)

@@ -47,6 +47,7 @@ class RetagSettings:
     out: Path | None = None
     fmt: str = "parquet"
     device: str | None = None
+    crops: str | None = None  # --crops: must name the stored embeddings' crops when given
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ def _settings(settings: RetagSettings, stored: StoredRun, checkpoint: str) -> Pr
     """Scoring settings for the labels, with the crops of the stored embeddings."""
     predict = predict_settings(checkpoint, settings.labels, thresholds_file=settings.thresholds_file,
                                threshold=settings.threshold, score=settings.score, templates=settings.templates)
+    if settings.crops is not None and settings.crops != stored.crops:
+        raise VgclipError(f"--crops {settings.crops}: the embeddings in {settings.embeddings} were made with "
+                          f"crops={stored.crops} (re-tagging scores them as they are)")
     if settings.thresholds_file is not None and predict.crops != stored.crops:
         raise VgclipError(f"{settings.thresholds_file} was tuned with crops={predict.crops}; the embeddings in "
                           f"{settings.embeddings} were made with crops={stored.crops}")
