@@ -53,7 +53,8 @@ def predictions(out: Path) -> dict:
 def embeddings(out: Path) -> tuple[np.ndarray, list[str]]:
     """Every stored embedding (part order) and the keys of their metadata rows."""
     files = sorted((out / "embeddings" / "img_emb").glob("*.npy"))
-    keys = [k for f in sorted((out / "embeddings" / "metadata").glob("*.parquet")) for k in pq.read_table(f)["key"].to_pylist()]
+    metadata = sorted((out / "embeddings" / "metadata").glob("*.parquet"))
+    keys = [k for f in metadata for k in pq.read_table(f)["key"].to_pylist()]
     return np.concatenate([np.load(f) for f in files]), keys
 
 

@@ -19,15 +19,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "reaches its threshold (from --thresholds written by `vgclip zeroshot`, or --threshold). "
         "Without a threshold the top-scoring label is predicted. Inputs: image files, folders (searched "
         "recursively for jpg/jpeg/png/webp/bmp/gif, any case), --list FILE and --data SOURCE, in a fixed order "
-        "(sorted paths, then shards in order). A file that cannot be used is skipped with its reason, never "
-        "fatal: exit 0 when any image was scored, 2 when none was. Without --out the results are printed "
-        f"(up to a few hundred images). With --out DIR: DIR/predictions.parquet (one row per image: key, path, "
-        "shard, width, height, labels, score:<label>...), DIR/embeddings/ (float16 img_emb_N.npy + "
-        "metadata_N.parquet, clip-retrieval's layout), DIR/skipped.csv and DIR/summary.json, written in parts: "
-        "the same command run again continues after the last complete part. Re-tag: --embeddings DIR "
-        "--labels ... scores the stored embeddings for new labels (no images, no image encoding) into "
-        "DIR/retag-<hash>/ (or --out NEWDIR). Several processes: torchrun --nproc_per_node N -m vgclip.cli "
-        "predict ... --out DIR.",
+        "(as given, a folder's images sorted by path; then shards in order, their samples in order). A file "
+        "that cannot be used is skipped with its reason, never fatal: exit 0 when any image was scored, 2 when "
+        "none was. Without --out the results are printed (up to a few hundred images). With --out DIR: "
+        "DIR/predictions.parquet (one row per image: key, path, shard, width, height, labels, "
+        "score:<label>...), DIR/embeddings/ (float16 img_emb_N.npy + metadata_N.parquet, clip-retrieval's "
+        "layout), DIR/skipped.csv and DIR/summary.json, written in parts: the same command run again "
+        "continues after the last complete part. Re-tag: --embeddings DIR --labels ... scores the stored "
+        "embeddings for new labels (no images, no image encoding) into DIR/retag-<hash>/ (or --out NEWDIR). "
+        "Several processes: torchrun --nproc_per_node N -m vgclip.cli predict ... --out DIR.",
     )
     p.add_argument("--checkpoint", help="run folder (or its model.safetensors), or an open_clip export folder "
                    "(required, except with --embeddings: then the one the embeddings were made with)")

@@ -1,9 +1,11 @@
 """What `vgclip predict` reads, listed into work units: image files, folders (recursive), `--list` files of
 paths and http(s) URLs, and shards (`--data`, every form `vgclip train --data` takes).
 
-Files and URLs are sorted by key (duplicates once) and cut into units of `part_size` images; each shard is
-one unit after them, in shard order. A unit's index is its part number: the order of the output files,
-the resume bookkeeping (a unit is done when its part exists) and the split between ranks all follow it.
+Files and URLs keep the order they were given in (a folder's images sorted by path, a --list file's in
+its order, after the command line's; each key once) and are cut into units of `part_size` images; each
+shard is one unit after them, in shard order, its samples in their order. A unit's index is its part
+number: the order of the output files, the resume bookkeeping (a unit is done when its part exists) and
+the split between ranks all follow it.
 """
 
 from __future__ import annotations
@@ -96,19 +98,20 @@ def folder_images(folder: Path) -> list[Path]:
 
 
 def file_records(items: Sequence[str]) -> list[ImageRecord]:
-    """Records of image files, folders and URLs, sorted by key, each key once. A path that does not exist
-    stays a record: reading it is a counted skip (missing_file), as any other bad file."""
+    """Records of image files, folders and URLs in the order given, a folder's images in sorted order, each key
+    once (its first place). A path that does not exist stays a record: reading it is a counted skip
+    (missing_file), as any other bad file."""
     records: dict[str, ImageRecord] = {}
     for item in items:
         if _HTTP.match(item):
             records.setdefault(item, ImageRecord(key=item, url=item))
             continue
         path = Path(item)
-        paths = folder_images(path) if path.is_dir() else [path]
+        paths = sorted(folder_images(path), key=str) if path.is_dir() else [path]
         for found in paths:
             key = str(found)
             records.setdefault(key, ImageRecord(key=key, path=os.path.abspath(found)))
-    return [records[key] for key in sorted(records)]
+    return list(records.values())
 
 
 def shard_list(source: str) -> list[str]:

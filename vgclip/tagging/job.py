@@ -1,8 +1,9 @@
 """`vgclip predict` over a collection: list the inputs, decode them in DataLoader workers, encode, score and
 write each unit as a part (or keep the rows, without `--out`), then merge the parts and write summary.json.
 
-Scores are computed from the float16 embeddings that are stored (`embeddings/`), so re-tagging them
-(`tagging/retag.py`) gives the scores encoding again gives.
+With --out, scores are computed from the float16 embeddings that are stored (`embeddings/`), so re-tagging
+them (`tagging/retag.py`) gives the scores encoding again gives; printed scores come from the float32
+embeddings, as `vgclip serve` computes them.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def load_model(settings: TaggingSettings, device: torch.device) -> _Model:
 class _Encoder:
     """Decoded batches -> float16 unit embeddings, gathered per unit until its last batch."""
 
-    def __init__(self, loaded: _Model, device: torch.device) -> None:
-        self.loaded, self.device = loaded, device
+    def __init__(self, loaded: _Model, device: torch.device, stored: bool) -> None:
+        self.loaded, self.device, self.stored = loaded, device, stored
         self.encode = unit_image_encoder(loaded.model)
         self.open: dict[int, tuple[PartResult, list[np.ndarray]]] = {}
 
@@ -113,7 +114,7 @@ class _Encoder:
             images = batch.images.to(self.device, non_blocking=True)
             if not batch.normalized:
                 images = self.loaded.transform.normalize(images)
-            chunks.append(encode_views(self.encode, images).float().cpu().numpy().astype(np.float16))
+            chunks.append(encode_views(self.encode, images).float().cpu().numpy())
             part.keys += batch.keys
             part.paths += batch.paths
             part.shards += [batch.shard] * len(batch.keys)
@@ -123,15 +124,16 @@ class _Encoder:
         if not batch.last:
             return None
         del self.open[batch.unit]
-        return score_part(part, chunks, self.loaded.scorer)
+        return score_part(part, chunks, self.loaded.scorer, self.stored)
 
 
-def score_part(part: PartResult, chunks: list[np.ndarray], scorer: LabelScorer) -> PartResult:
-    """Fill a part's embeddings, scores (from the float16 embeddings, as re-tagging reads them) and labels."""
-    dim = chunks[0].shape[1] if chunks else 0
-    part.embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
-    scores = scorer.scores(torch.from_numpy(part.embeddings.astype(np.float32))) if chunks else \
-        np.zeros((0, len(scorer.labels)))
+def score_part(part: PartResult, chunks: list[np.ndarray], scorer: LabelScorer, stored: bool) -> PartResult:
+    """Fill a part's float16 embeddings, its scores and labels. `stored`: score the float16 embeddings that are
+    written (a re-tag reads them back: the same scores); else the float32 ones (printed, as `vgclip serve`)."""
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    part.embeddings = emb.astype(np.float16)
+    scored = part.embeddings.astype(np.float32) if stored else emb
+    scores = scorer.scores(torch.from_numpy(scored)) if chunks else np.zeros((0, len(scorer.labels)))
     part.scores = scores.astype(np.float32)
     part.chosen = [scorer.chosen(row) for row in scores]
     return part
@@ -175,7 +177,7 @@ def _encode_units(units: list[Unit], loaded: _Model, settings: TaggingSettings, 
     if not units:
         return 0
     dataset = TaggingDataset(units, loaded.transform, settings.batch_size)
-    encoder = _Encoder(loaded, ranks.device)
+    encoder = _Encoder(loaded, ranks.device, stored=settings.out is not None)
     bar, scored, skipped = _progress(units, settings, ranks), 0, 0
     try:
         for batch in make_loader(dataset, settings.workers):
