@@ -77,3 +77,18 @@ def test_urls_and_a_failing_url(run_dir: Path, tmp_path: Path, capsys: pytest.Ca
     with open(out / "skipped.csv", newline="") as fh:
         (skip,) = list(csv.DictReader(fh))
     assert skip["key"] == f"{url}gone.jpg" and skip["reason"] == "url_failed" and "404" in skip["detail"]
+
+
+def test_img2dataset_shards_by_brace_pattern(run_dir: Path, tmp_path: Path) -> None:
+    from tests.data.test_shard_locations import img2dataset_shards
+
+    pattern = img2dataset_shards(tmp_path / "cc")  # sample 3 without caption, 5 not a JPEG, 7 a PNG
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(run_dir), "--labels", "red,white", "--data", pattern,
+                 "--out", str(out), "--workers", "2", "--quiet"]) == 0  # fmt: skip
+    rows = predictions(out)
+    assert rows["key"] == [f"{i:09d}" for i in range(10) if i != 5]  # a caption is not needed to tag an image
+    assert [Path(s).name for s in rows["shard"]] == ["00000.tar"] * 4 + ["00001.tar"] * 3 + ["00002.tar"] * 2
+    with open(out / "skipped.csv", newline="") as fh:
+        (skip,) = list(csv.DictReader(fh))
+    assert skip["key"] == "000000005" and skip["reason"] == "not_an_image" and skip["shard"].endswith("00001.tar")
