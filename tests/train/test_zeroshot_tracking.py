@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,9 +20,13 @@ from tests._multiprocess import run_gloo_workers
 from tests._train_fixtures import write_shards
 from vgclip.cli import main as cli
 from vgclip.config import load_config
+from vgclip.data.views import VIEWS
+from vgclip.data.voc import load_voc
 from vgclip.errors import VgclipError
+from vgclip.eval.voc_evaluation import ZeroshotSettings, evaluate_zeroshot
 from vgclip.synthetic.writers import write_synthetic_voc
 from vgclip.train import state as S
+from vgclip.train import zeroshot_tracking as zt
 from vgclip.train.loop import train
 
 TINY = ["data.num_workers=0", "train.checkpoint_every=0", "model.image.image_size=32", "train.keep_checkpoints=1"]
@@ -144,3 +149,109 @@ def test_two_processes_only_rank0_scores_and_none_waits_forever(data, tmp_path):
     assert sorted(history) == [0]  # rank 0 alone scores and logs
     assert rank0["best"]["value"] == pytest.approx(max(history.values()), abs=1e-6)
     assert rank1["steps"] == rank0["steps"]
+
+
+# --- issue 26.16: a locked image tower's features of the --val-voc-root photos are computed once per run ---
+
+LOCKED = ["model.image.lock=true", "eval.crops=multi"]
+SCORING = ZeroshotSettings(tune_split=None, plots=False, num_workers=0)
+
+
+def _model(*overrides: str):
+    config = load_config("tiny", [*TINY, *overrides])
+    model, eval_tf, tokenizer = vgclip.create_model(config)
+    return config, model, eval_tf, tokenizer
+
+
+@contextlib.contextmanager
+def _counting(module: torch.nn.Module):
+    """Images (rows) that go through `module`'s forward while inside, as a one-item list."""
+    seen = [0]
+    handle = module.register_forward_hook(lambda _m, args, _out: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _full_path(model, eval_tf, tokenizer, voc, config):
+    """The uncached scoring of the held-out split: evaluate_zeroshot with the whole image tower."""
+    return evaluate_zeroshot(model, eval_tf, tokenizer, voc.root, voc.split, config.eval, SCORING, device="cpu")
+
+
+def _train_the_head(model, seed: int) -> None:
+    """What an epoch of LiT training changes: the projections and the temperature, never the tower."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (model.image_proj.weight, model.text_proj.weight):
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+        model.logit_scale.add_(0.3)
+
+
+def test_locked_tower_embeds_the_photos_once_and_scores_as_the_full_path(data, capsys):
+    _, voc_root = data
+    config, model, eval_tf, tokenizer = _model(*LOCKED)
+    voc = zt.check_val_voc(voc_root, config)
+    assert capsys.readouterr().err == ""  # nothing to warn about: tracking costs one evaluation
+    photos = len(load_voc(voc_root, voc.split).image_ids)
+    assert zt.trunk_cached(model, config)
+    for epoch in range(3):
+        with _counting(model.visual.trunk) as rows:
+            value, note = zt.zeroshot_map(model, eval_tf, tokenizer, voc, config, torch.device("cpu"))
+        assert note == "" and value is not None
+        assert rows[0] == (photos * VIEWS if epoch == 0 else 0)  # every view once, then never again
+        full = _full_path(model, eval_tf, tokenizer, voc, config)
+        assert value == pytest.approx(float(full.report.mAP), abs=1e-6)
+        _train_the_head(model, seed=epoch)
+    # The scores themselves, not only their mAP, are the full path's.
+    encode = zt._cached_encoder(model, eval_tf, voc, config, torch.device("cpu"), 0)
+    cached = evaluate_zeroshot(model, eval_tf, tokenizer, voc.root, voc.split, config.eval, SCORING, device="cpu",
+                               encode=encode)
+    full = _full_path(model, eval_tf, tokenizer, voc, config)
+    assert cached.evaluated.data.image_ids == full.evaluated.data.image_ids
+    assert np.allclose(cached.evaluated.scores, full.evaluated.scores, atol=1e-5)
+    assert cached.report.AP == pytest.approx(full.report.AP, abs=1e-6)
+
+
+def test_changed_tower_weights_are_embedded_again(data):
+    _, voc_root = data
+    config, model, eval_tf, tokenizer = _model(*LOCKED)
+    voc = zt.check_val_voc(voc_root, config)
+    zt.zeroshot_map(model, eval_tf, tokenizer, voc, config, torch.device("cpu"))
+    with torch.no_grad():  # e.g. weights loaded into the tower: the kept features no longer match it
+        next(model.visual.trunk.parameters()).mul_(1.5)
+    with _counting(model.visual.trunk) as rows:
+        value, _ = zt.zeroshot_map(model, eval_tf, tokenizer, voc, config, torch.device("cpu"))
+    assert rows[0] > 0
+    assert value == pytest.approx(float(_full_path(model, eval_tf, tokenizer, voc, config).report.mAP), abs=1e-6)
+
+
+def test_unlocked_tower_takes_the_full_path_every_epoch_and_says_so(data, capsys):
+    _, voc_root = data
+    for overrides in ([], ["model.image.lock=true", "model.image.unlocked_blocks=1"]):
+        config, model, eval_tf, tokenizer = _model("eval.crops=multi", *overrides)
+        voc = zt.check_val_voc(voc_root, config)
+        photos = len(load_voc(voc_root, voc.split).image_ids)
+        err = capsys.readouterr().err
+        assert f"zero-shot tracking encodes {photos} photos x {VIEWS} view(s)" in err
+        assert "through the whole image tower every epoch" in err and len(err.splitlines()) == 1
+        assert not zt.trunk_cached(model, config)
+        for _ in range(2):
+            with _counting(model.visual.trunk) as rows:
+                value, _ = zt.zeroshot_map(model, eval_tf, tokenizer, voc, config, torch.device("cpu"))
+            assert rows[0] == photos * VIEWS
+            assert value == pytest.approx(float(_full_path(model, eval_tf, tokenizer, voc, config).report.mAP),
+                                          abs=1e-6)
+        assert voc.cache.features is None
+
+
+def test_a_locked_run_embeds_the_val_photos_once(data, tmp_path, monkeypatch):
+    """Through train(): two epochs on the LiT cache, the held-out photos go through the tower once."""
+    shards, voc = data
+    calls = []
+    real = zt.encode_images
+    monkeypatch.setattr(zt, "encode_images", lambda *a, **k: calls.append(k.get("rows")) or real(*a, **k))
+    config = load_config("tiny", TINY + LOCKED + ["train.epochs=2"])
+    train(config, shards, tmp_path / "run", val_voc_root=voc)
+    assert sorted(_history(tmp_path / "run")) == [0, 1]
+    assert len(calls) == 1 and calls[0] is not None  # the tower's features, once, for both epochs

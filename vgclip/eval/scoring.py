@@ -26,7 +26,7 @@ __all__ = ["EncodedImages", "ScoredSplit", "encode_images", "logit_scale_of", "s
 class EncodedImages:
     """Image embeddings of the images that could be read, and why the others could not."""
 
-    embeddings: torch.Tensor  # [N_ok, D], unit length
+    embeddings: torch.Tensor  # [N_ok, D], unit length (or the rows `encode_images` was asked for)
     ok: np.ndarray  # [N] bool over the requested images
     failed: list[tuple[int, str]] = field(default_factory=list)
     sample: torch.Tensor | None = None  # one transformed image, for models without get_logit_scale()
@@ -41,10 +41,14 @@ def encode_images(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     crops: str = "centre",
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EncodedImages:
     """Encode images in batches with a multi-worker DataLoader; unreadable files are reported, not fatal.
 
     `crops` is `eval.crops`: "multi" embeds several crops of each image and averages them (data/views.py).
+    `rows` maps a batch on `device` ([B, 3, S, S], or [B, V, 3, S, S] for views) to one row per image; by
+    default its unit embeddings (`encode_views`). train/zeroshot_tracking.py passes the locked image
+    tower's per-view features instead, to cache them.
     """
     device = torch.device(device)
     image_transform = eval_transform(image_transform, crops)
@@ -68,7 +72,7 @@ def encode_images(
         images = batch["images"].to(device, non_blocking=True)  # [B, 3, S, S], or [B, V, 3, S, S] for views
         if sample is None:
             sample = (images if images.dim() == 4 else images[:, 0])[:1].contiguous(memory_format=torch.channels_last)
-        emb = encode_views(unit_image_encoder(model), images)
+        emb = rows(images) if rows is not None else encode_views(unit_image_encoder(model), images)
         chunks.append((batch["index"], emb.float().cpu()))
     ok = np.zeros(len(paths), dtype=bool)
     if not chunks:
@@ -138,10 +142,14 @@ def score_split(
     num_workers: int,
     device: torch.device | str,
     tokens_for_scale: Mapping | None = None,
+    encoded: EncodedImages | None = None,
 ) -> ScoredSplit:
-    """Encode a split's images and score them; unreadable images leave the split, each one listed."""
-    enc = encode_images(model, data.image_paths, image_transform, eval_cfg.batch_size, num_workers, device,
-                        crops=eval_cfg.crops)
+    """Encode a split's images and score them; unreadable images leave the split, each one listed.
+
+    `encoded`: the split's images already embedded (`encode_images`' result over `data.image_paths`).
+    """
+    enc = encoded if encoded is not None else encode_images(
+        model, data.image_paths, image_transform, eval_cfg.batch_size, num_workers, device, crops=eval_cfg.crops)
     failed = [{"image_id": data.image_ids[i], "reason": reason} for i, reason in enc.failed]
     if not enc.ok.any():
         raise VgclipError(f"{data.root}: no image of split '{data.split}' could be read ({failed[0]['reason']})")

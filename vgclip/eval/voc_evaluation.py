@@ -20,7 +20,7 @@ from vgclip.errors import VgclipError
 from vgclip.eval.metrics import ranking_metrics, threshold_metrics
 from vgclip.eval.prompts import build_text_classifier, readable_name, templates_for
 from vgclip.eval.records import DataNotes, ReportSettings, Tuning, ZeroshotReport
-from vgclip.eval.scoring import ScoredSplit, score_split
+from vgclip.eval.scoring import EncodedImages, ScoredSplit, score_split
 from vgclip.eval.thresholds import MODES, Objective, threshold_vector, tune_thresholds
 
 __all__ = ["DIFFICULT_NOTES", "ZeroshotSettings", "ZeroshotResult", "build_report", "evaluate_zeroshot",
@@ -62,8 +62,13 @@ def evaluate_zeroshot(
     eval_cfg: EvalConfig | None = None,
     options: ZeroshotSettings | None = None,
     device: torch.device | str | None = None,
+    encode: Callable[[VocSplit], EncodedImages] | None = None,
 ) -> ZeroshotResult:
-    """Evaluate `model` zero-shot on a VOC split and tune thresholds on the tuning split; nothing is written."""
+    """Evaluate `model` zero-shot on a VOC split and tune thresholds on the tuning split; nothing is written.
+
+    `encode`: how a split's images become unit embeddings, if not `encode_images` with `model` (a caller that
+    caches part of the image tower, train/zeroshot_tracking.py); the rest (texts, scores, metrics) is unchanged.
+    """
     eval_cfg = eval_cfg or EvalConfig()
     opts = options or ZeroshotSettings()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -78,10 +83,12 @@ def evaluate_zeroshot(
     class_emb = build_text_classifier(model, tokenizer, texts, templates, device)
     first_tokens = {k: v.to(device) for k, v in tokenizer([templates[0].format(texts[0])]).items()}
     kw = {"num_workers": opts.num_workers, "device": device, "tokens_for_scale": first_tokens}
-    evaluated = score_split(model, image_transform, data, class_emb, eval_cfg, **kw)
+    evaluated = score_split(model, image_transform, data, class_emb, eval_cfg, **kw,
+                            encoded=encode(data) if encode else None)
     tuned = None
     if tune_data is not None:
-        tuned = evaluated if tune_data is data else score_split(model, image_transform, tune_data, class_emb, eval_cfg, **kw)
+        tuned = evaluated if tune_data is data else score_split(model, image_transform, tune_data, class_emb, eval_cfg,
+                                                                **kw, encoded=encode(tune_data) if encode else None)
     report = build_report(evaluated, tuned, eval_cfg, opts, objective, texts, templates, tune_note)
     return ZeroshotResult(report, evaluated)
 

@@ -43,16 +43,29 @@ from vgclip.errors import VgclipError
 from vgclip.io import atomic_path, atomic_write_text
 from vgclip.train.distributed import DistInfo, all_ranks, barrier, gather_bytes, gather_bytes_to_main
 
+__all__ = ["CACHE_FILE", "INDEX_FILE", "CachedImageClip", "FeatureCache", "build_feature_cache", "cache_applies",
+           "compute_features", "fingerprint", "image_head", "image_tower_locked"]
+
 CACHE_FILE = "image_features.safetensors"
 INDEX_FILE = "image_features.json"
 BLOCK = 64  # images per forward while building: fixed, so that any number of ranks computes the same rows
 
 
+def image_tower_locked(config: Config) -> bool:
+    """True when no parameter below the image head (`image_proj`) trains: the tower is locked whole (LiT)."""
+    image = config.model.image
+    return image.lock and image.unlocked_blocks == 0
+
+
 def cache_applies(config: Config) -> bool:
     """True when every epoch would feed the frozen image tower the very same pixels."""
-    image = config.model.image
-    return (config.train.cache_locked_image and image.lock and image.unlocked_blocks == 0
+    return (config.train.cache_locked_image and image_tower_locked(config)
             and not config.data.augment and parse_pairing(config.data.pairing).kind != "region")
+
+
+def image_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Unit image embeddings from the image tower's output: `model.encode_image` without the tower."""
+    return F.normalize(model.image_proj(features), dim=-1)
 
 
 class CachedImageClip(nn.Module):
@@ -67,7 +80,7 @@ class CachedImageClip(nn.Module):
 
     def forward(self, features: torch.Tensor, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {
-            "image_embeds": F.normalize(self.model.image_proj(features), dim=-1),
+            "image_embeds": image_head(self.model, features),
             "text_embeds": self.model.encode_text(tokens),
             "logit_scale": self.model.get_logit_scale(),
         }
