@@ -82,7 +82,7 @@ def run_fraction(fraction: float, names: list[str], workdir: Path, args: argpars
     """Every stage asked for at one fraction; its result record."""
     scale = S.Scale(data=workdir / f"data-{fraction}", out=workdir / f"out-{fraction}",
                     sizes={**sizes(fraction), "fraction": fraction}, workers=args.workers,
-                    lit_images=args.lit_images, timeout_s=args.stage_timeout)
+                    lit_images=args.lit_images, timeout_s=args.stage_timeout, checkpoint=args.checkpoint)
     scale.out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     for name in names:
@@ -91,6 +91,7 @@ def run_fraction(fraction: float, names: list[str], workdir: Path, args: argpars
         print(f"bench_scale: {name}: {json.dumps({k: done[name].get(k) for k in COLUMNS})}", file=sys.stderr,
               flush=True)
     return {"benchmark": "scale", "fraction": fraction, "sizes": scale.sizes, "cpus": _cpus(),
+            "evaluated_run": str(scale.trained), "omp_num_threads": S.ENV.get("OMP_NUM_THREADS"),
             "python": platform.python_version(), "stages": done}
 
 
@@ -118,9 +119,15 @@ def main() -> None:
                         "(default: a temporary folder, removed at the end)")
     parser.add_argument("--lit-images", type=int, help="cap on the LiT stage's training images (whole shards)")
     parser.add_argument("--workers", type=int, default=2, help="prepare / zeroshot worker processes")
+    parser.add_argument("--checkpoint", type=Path, help="the run zeroshot, predict, serve and export load "
+                        "(default: this fraction's train-1 run; their cost does not depend on its training size)")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every stage (default: unset, as a user "
+                        "runs it; on an oversubscribed machine 1 keeps torch's threads from spinning)")
     parser.add_argument("--stage-timeout", type=float, help="kill a stage after this many seconds")
     args = parser.parse_args()
     names = _stage_list(args.stages)
+    if args.threads:
+        S.ENV["OMP_NUM_THREADS"] = str(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scale_"))
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "results.json"

@@ -7,6 +7,7 @@ and prints one JSON line, then stops the server with SIGINT. The page figures:
   gallery_s        until the network is idle after that (the gallery's first page of thumbnails loaded)
   gallery_images   thumbnails in the gallery's DOM and thumbnails fetched (of `report_images` in the report)
   json_bytes       bytes of the JSON responses the page fetched (decoded; encoded beside it)
+  json_timeline_ms per JSON request, ms after navigation start: sent, first byte (the server's work), last byte
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 DRAWN = ("document.querySelectorAll('#per-class tbody tr').length > 0 && "
          "document.getElementById('curve').childElementCount > 0")
 RESOURCES = ("performance.getEntriesByType('resource').map(e => ({name: e.name, type: e.initiatorType, "
-             "encoded: e.encodedBodySize, decoded: e.decodedBodySize}))")
+             "encoded: e.encodedBodySize, decoded: e.decodedBodySize, start: e.startTime, "
+             "first_byte: e.responseStart, end: e.responseEnd}))")
 STARTUP_S = 300
 
 
@@ -55,7 +57,9 @@ def measure_page(base: str) -> dict:
     return {"drawn_s": round(drawn, 3), "drawn_in_page_s": round(drawn_in_page, 3), "gallery_s": round(gallery, 3),
             "gallery_dom_images": dom_images, "gallery_images_fetched": len(images), "per_class_rows": rows,
             "json_bytes": sum(e["decoded"] for e in data), "json_encoded_bytes": sum(e["encoded"] for e in data),
-            "json_requests": [e["name"].split("/api/", 1)[1] for e in data]}
+            "json_requests": [e["name"].split("/api/", 1)[1] for e in data],
+            # per JSON request: (ms from navigation start to the request, to its first byte, to its end)
+            "json_timeline_ms": [[round(e["start"]), round(e["first_byte"]), round(e["end"])] for e in data]}
 
 
 def _port() -> int:
@@ -90,7 +94,7 @@ def stage_serve(s) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     before, cpu0, start = machine_note(), _cpu_seconds(), time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(s.cli("serve", "--checkpoint", str(s.out / "train-1"), "--report", str(s.out / "report"),
+        proc = subprocess.Popen(s.cli("serve", "--checkpoint", str(s.trained), "--report", str(s.out / "report"),
                                       "--port", str(port)), stdout=out, stderr=subprocess.STDOUT, env=ENV)
         seen: dict = {}
         watcher = threading.Thread(target=lambda: seen.update(watch(proc)), daemon=True)

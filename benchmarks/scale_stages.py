@@ -33,6 +33,7 @@ class Scale:
     workers: int = 2
     lit_images: int | None = None  # cap on the LiT stage's training images (whole shards)
     timeout_s: float | None = None
+    checkpoint: Path | None = None  # the run zeroshot / predict / serve / export use (default: this train-1's)
 
     def cli(self, *args: str) -> list[str]:
         """`python -m vgclip.cli ARGS` with this interpreter."""
@@ -52,6 +53,11 @@ class Scale:
         path = self.out / name
         shutil.rmtree(path, ignore_errors=True)
         return path
+
+    @property
+    def trained(self) -> Path:
+        """The run the evaluation stages load: --checkpoint, else this fraction's train-1 run."""
+        return self.checkpoint or self.out / "train-1"
 
     @property
     def voc(self) -> Path:
@@ -146,7 +152,7 @@ def stage_train(s: Scale, procs: int) -> dict:
     if procs == 1:
         cmd = s.cli(*args)
     else:
-        env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}  # torchrun sets 1 thread per rank
+        env = ENV  # torchrun sets OMP_NUM_THREADS=1 per rank when it is not set
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                "-m", "vgclip.cli", *args]
     figures = s.run(name, cmd, [run], env, stdout=s.out / "logs" / f"{name}.json")
@@ -181,7 +187,7 @@ def stage_lit(s: Scale) -> dict:
 def stage_zeroshot(s: Scale) -> dict:
     """`vgclip zeroshot` of the train-1 run on the VOC test split, thresholds tuned on trainval, plots."""
     report = s.fresh("report")
-    cmd = s.cli("zeroshot", "--checkpoint", str(s.out / "train-1"), "--voc-root", str(s.voc), "--out", str(report),
+    cmd = s.cli("zeroshot", "--checkpoint", str(s.trained), "--voc-root", str(s.voc), "--out", str(report),
                 "--workers", str(s.workers))
     figures = s.run("zeroshot", cmd, [report])
     files = {p.name: p.stat().st_size for p in sorted(report.iterdir()) if p.is_file()}
@@ -211,7 +217,7 @@ def stage_predict(s: Scale) -> dict:
     report = s.out / "report"
     classes = s.out / "classes.txt"
     classes.write_text("\n".join(_report_classes(report)) + "\n")
-    base = ["predict", "--checkpoint", str(s.out / "train-1"), "--labels-file", str(classes),
+    base = ["predict", "--checkpoint", str(s.trained), "--labels-file", str(classes),
             "--thresholds", str(report / "thresholds.json")]
     helptext = subprocess.run(s.cli("predict", "--help"), capture_output=True, text=True, env=ENV).stdout
     target = s.fresh("predict")
@@ -236,5 +242,5 @@ def _report_classes(report: Path) -> list[str]:
 def stage_export(s: Scale) -> dict:
     """`vgclip export` of the train-1 run as an open_clip folder."""
     target = s.fresh("export")
-    figures = s.run("export", s.cli("export", "--checkpoint", str(s.out / "train-1"), "--out", str(target)), [target])
+    figures = s.run("export", s.cli("export", "--checkpoint", str(s.trained), "--out", str(target)), [target])
     return figures | {"items": 1}
