@@ -20,6 +20,9 @@ Sides alternate for --rounds rounds; the best round of each counts (the machine 
     --rss-config towers (default --config: then the vgclip side's run is the smaller one); ru_maxrss of
     the command (its largest process), and the polled peak of the RSS summed over it and its decoding
     workers.
+Note: `vgclip predict` hands whole parts (--part-size, default 5000 files) to its decoding workers, so a run
+of up to 5000 files decodes in one worker whatever --workers says (2,000 files here; the 20,000-file list is
+4 parts, 2 workers); on 2 CPUs the model, not decoding, sets the rate.
 Prints one JSON line: images/s of each side and vgclip/open_clip (target >= 1.5 on a 2-core machine),
 multi-crop images/s, re-tag and encode seconds and their ratio, RSS at both sizes and their ratio (target
 <= 1.15), and the load average before and after.
