@@ -49,3 +49,17 @@ def test_batches_skips_and_sizes(tmp_path: Path) -> None:
                for b in batches)  # multi-crop pixels, normalised in the main process
     skips = {s.key: s.reason for b in batches for s in b.skips}
     assert skips == {str(tmp_path / "bomb.png"): "too_many_pixels", str(tmp_path / "gone.webp"): "missing_file"}
+
+
+def test_one_part_is_shared_by_the_workers_in_order(tmp_path: Path) -> None:
+    for i in range(7):
+        Image.new("RGB", (20 + i, 18), (30 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "img3.png").write_bytes(b"not an image")
+    inputs = list_inputs([str(tmp_path)], part_size=5000)  # one part: every worker decodes some of its batches
+    dataset = TaggingDataset(inputs.units, TRANSFORM, batch_size=2)
+    loader = make_loader(dataset, workers=2)
+    assert loader.num_workers == 2 and dataset.work_items == 4
+    batches = list(loader)
+    assert [b.last for b in batches] == [False, False, False, True]  # cut by records: 2 per batch
+    assert [k.rsplit("/", 1)[1] for b in batches for k in b.keys] == [f"img{i}.png" for i in (0, 1, 2, 4, 5, 6)]
+    assert [len(b.keys) for b in batches] == [2, 1, 2, 1] and batches[1].skips[0].reason == "not_an_image"

@@ -2,9 +2,13 @@
 units, every bad image a counted skip with its reason (never an exception out of a worker).
 
 A batch holds up to `batch_size` decoded images of one unit, in the unit's order; the unit's last batch
-says so (`last`), so the main process writes a part as soon as its last batch arrives. Batches are cut
-the same way on every run (the same images decode or fail the same way), so a resumed or multi-process
-run encodes exactly the batches of an uninterrupted one.
+says so (`last`), so the main process writes a part as soon as its last batch arrives. A unit of files /
+URLs is cut into batches of `batch_size` records (a record that fails leaves its batch one image short),
+and the workers share those batches (worker w of W decodes batches w, w + W, ... of the job's file batches,
+so one part of 5000 files keeps every worker busy); a shard is read whole by one worker (its batches hold
+`batch_size` decoded images). The DataLoader hands the workers' batches on in turn, so every unit's batches
+arrive in order. Batches are cut the same way on every run, so a resumed or multi-process run encodes
+exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -148,15 +152,16 @@ class _BatchBuilder:
     def _new(self) -> DecodedBatch:
         return DecodedBatch(self.unit.index, False, shard=self.unit.shard, normalized=self.normalized)
 
-    def add(self, key: str, path: str | None, image: torch.Tensor, size: tuple[int, int]) -> DecodedBatch | None:
-        """Add one image; the full batch when this one filled it."""
+    def add(self, key: str, path: str | None, image: torch.Tensor, size: tuple[int, int],
+            flush: bool = True) -> DecodedBatch | None:
+        """Add one image; the full batch when this one filled it (and `flush`)."""
         batch = self.current
         batch.keys.append(key)
         batch.paths.append(path)
         batch.widths.append(size[0])
         batch.heights.append(size[1])
         self.images.append(image)
-        return self.flush(last=False) if len(self.images) >= self.batch_size else None
+        return self.flush(last=False) if flush and len(self.images) >= self.batch_size else None
 
     def skip(self, key: str, reason: str, detail: str) -> None:
         self.current.skips.append(Skip(key, reason, detail, self.unit.shard))
@@ -170,7 +175,8 @@ class _BatchBuilder:
 
 
 class TaggingDataset(torch.utils.data.IterableDataset):
-    """Decoded batches of `units`; worker w of W takes units w, w + W, ... (whole units, in order)."""
+    """Decoded batches of `units`: worker w of W decodes file batches w, w + W, ... (counted over every file
+    unit, in order), then shard units w, w + W, ... (whole shards)."""
 
     def __init__(self, units: Sequence[Unit], transform: PixelTransform | Callable, batch_size: int,
                  retry_wait_s: float = RETRY_WAIT_S) -> None:
@@ -180,19 +186,44 @@ class TaggingDataset(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.retry_wait_s = retry_wait_s
 
+    def file_batches(self) -> list[tuple[Unit, int]]:
+        """(unit, first record) of every file batch, in order."""
+        return [(unit, first) for unit in self.units if unit.shard is None
+                for first in range(0, max(len(unit.records), 1), self.batch_size)]
+
+    @property
+    def work_items(self) -> int:
+        """File batches plus shard units: the most workers that can be kept busy."""
+        return len(self.file_batches()) + sum(unit.shard is not None for unit in self.units)
+
     def __iter__(self) -> Iterator[DecodedBatch]:
         info = torch.utils.data.get_worker_info()
-        mine = self.units if info is None else self.units[info.id :: info.num_workers]
-        for unit in mine:
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for unit, first in self.file_batches()[worker::workers]:
+            yield self.file_batch(unit, first)
+        shards = [unit for unit in self.units if unit.shard is not None]
+        for unit in shards[worker::workers]:
             yield from self.unit_batches(unit)
 
-    def unit_batches(self, unit: Unit) -> Iterator[DecodedBatch]:
-        """The batches of one unit; the last one (possibly without images) has `last` set."""
+    def file_batch(self, unit: Unit, first: int) -> DecodedBatch:
+        """The batch of a file unit's records first .. first + batch_size (`last` on the unit's last one)."""
         builder = _BatchBuilder(unit, self.batch_size, normalized=not self.decoder.ours)
-        items = self._shard_items(unit, builder) if unit.shard is not None else self._file_items(unit)
-        for key, path, data in items:
+        records = unit.records[first : first + self.batch_size]
+        for key, path, data in self._file_items(records):
             try:
-                image, size = self.decoder(key, data() if callable(data) else data)
+                image, size = self.decoder(key, data())
+            except _Failed as failed:
+                builder.skip(key, failed.reason, failed.detail)
+                continue
+            builder.add(key, path, image, size, flush=False)
+        return builder.flush(last=first + self.batch_size >= len(unit.records))
+
+    def unit_batches(self, unit: Unit) -> Iterator[DecodedBatch]:
+        """The batches of one shard unit; the last one (possibly without images) has `last` set."""
+        builder = _BatchBuilder(unit, self.batch_size, normalized=not self.decoder.ours)
+        for key, path, data in self._shard_items(unit, builder):
+            try:
+                image, size = self.decoder(key, data)
             except _Failed as failed:
                 builder.skip(key, failed.reason, failed.detail)
                 continue
@@ -201,8 +232,8 @@ class TaggingDataset(torch.utils.data.IterableDataset):
                 yield full
         yield builder.flush(last=True)
 
-    def _file_items(self, unit: Unit) -> Iterator[tuple[str, str | None, Callable[[], bytes]]]:
-        for record in unit.records:
+    def _file_items(self, records: Sequence[ImageRecord]) -> Iterator[tuple[str, str | None, Callable[[], bytes]]]:
+        for record in records:
             if record.url is not None:
                 yield record.key, None, lambda url=record.url: fetch_url(url, wait_s=self.retry_wait_s)
             else:
@@ -244,6 +275,6 @@ def _one(item: DecodedBatch) -> DecodedBatch:
 
 def make_loader(dataset: TaggingDataset, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over `dataset` with `workers` decoding processes (0: in this process)."""
-    workers = max(0, min(workers, len(dataset.units)))
+    workers = max(0, min(workers, dataset.work_items))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_one,
                                        prefetch_factor=2 if workers else None, persistent_workers=False)
