@@ -242,7 +242,8 @@ def load() -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (`--quick`: a few dozen images, for tests)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vgclip-bench-predict"),
                         help="images, model, lists and outputs (kept and reused)")
@@ -260,6 +261,55 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.rss_images, args.multi_images = 48, 96, 8
+    return args
+
+
+def best_rates(args: argparse.Namespace, workdir: Path, export: Path, small_list: Path,
+               labels: list[str]) -> tuple[dict, dict]:
+    """Both sides on the same images, `--rounds` times, each side's fastest round: (vgclip, open_clip)."""
+    best: dict[str, dict | None] = {"vgclip": None, "open_clip": None}
+    for _ in range(args.rounds):
+        oc = run_measurement([sys.executable, __file__, "--side", "open_clip", "--workdir", str(workdir),
+                              "--export", str(export), "--images", str(args.images),
+                              "--batch-size", str(args.batch_size)], "open_clip loop")  # fmt: skip
+        vg = predict(export, ["--list", str(small_list)], workdir / "out-centre", labels, args, "centre",
+                     "vgclip predict (centre)")  # fmt: skip
+        if best["open_clip"] is None or oc["images_per_s"] > best["open_clip"]["images_per_s"]:
+            best["open_clip"] = oc
+        if best["vgclip"] is None or vg["images_per_s"] > best["vgclip"]["images_per_s"]:
+            best["vgclip"] = vg
+    return best["vgclip"], best["open_clip"]
+
+
+def retag_run(workdir: Path, expected_rows: int) -> tuple[dict, int]:
+    """Re-tag the centre run's stored embeddings for OTHER_LABELS: (the command's measurement, rows)."""
+    retag_out = workdir / "out-retag"
+    shutil.rmtree(retag_out, ignore_errors=True)
+    retag = vgclip_cli(["predict", "--embeddings", str(workdir / "out-centre"), "--labels", ",".join(OTHER_LABELS),
+                        "--out", str(retag_out)], "vgclip predict --embeddings")  # fmt: skip
+    rows = pq_rows(retag_out / "predictions.parquet")
+    assert rows == expected_rows, retag["stdout"]
+    return retag, rows
+
+
+def memory_pair(args: argparse.Namespace, workdir: Path, images: list[Path], small_list: Path, labels: list[str],
+                vg: dict) -> tuple[dict, dict, str]:
+    """Peak RSS of `--images` vs `--rss-images` listed images: (small run, large run, the towers used)."""
+    rss_config = args.rss_config or args.config
+    rss_export = make_model(workdir, rss_config)
+    # The vgclip side's run is the smaller one when it used the same towers.
+    small = vg if rss_config == args.config else predict(rss_export, ["--list", str(small_list)],
+                                                         workdir / "out-rss-small", labels, args, "centre",
+                                                         "vgclip predict (--list of --images)")  # fmt: skip
+    large = predict(rss_export, ["--list", str(list_file(workdir, images, args.rss_images))], workdir / "out-rss-large",
+                    labels, args, "centre", "vgclip predict (--list of --rss-images)")  # fmt: skip
+    assert small["scored"] == len(images) and large["scored"] == args.rss_images, large["stdout"]
+    shutil.rmtree(workdir / "out-rss-large", ignore_errors=True)  # the largest output: not kept
+    return small, large, rss_config
+
+
+def main() -> None:
+    args = parse_args()
     if args.side == "open_clip":
         images = sorted((args.workdir / "images").glob("*.jpg"))[: args.images]
         print(json.dumps(open_clip_side(args.export, images, voc_labels(), args.batch_size)))
@@ -274,43 +324,13 @@ def main() -> None:
     small_list = list_file(workdir, images, len(images))
     export = make_model(workdir, args.config)
     labels = voc_labels()
-
-    best = {"vgclip": None, "open_clip": None}
-    for _ in range(args.rounds):
-        oc = run_measurement([sys.executable, __file__, "--side", "open_clip", "--workdir", str(workdir),
-                              "--export", str(export), "--images", str(args.images),
-                              "--batch-size", str(args.batch_size)], "open_clip loop")  # fmt: skip
-        vg = predict(export, ["--list", str(small_list)], workdir / "out-centre", labels, args, "centre",
-                     "vgclip predict (centre)")  # fmt: skip
-        if best["open_clip"] is None or oc["images_per_s"] > best["open_clip"]["images_per_s"]:
-            best["open_clip"] = oc
-        if best["vgclip"] is None or vg["images_per_s"] > best["vgclip"]["images_per_s"]:
-            best["vgclip"] = vg
-    vg, oc = best["vgclip"], best["open_clip"]
+    vg, oc = best_rates(args, workdir, export, small_list, labels)
     assert vg["scored"] == len(images), vg["stdout"]
-
     multi_list = list_file(workdir, images[: args.multi_images], args.multi_images)
     multi = predict(export, ["--list", str(multi_list)], workdir / "out-multi", labels, args, "multi",
                     "vgclip predict (multi)")  # fmt: skip
-
-    other = list(OTHER_LABELS)
-    retag_out = workdir / "out-retag"
-    shutil.rmtree(retag_out, ignore_errors=True)
-    retag = vgclip_cli(["predict", "--embeddings", str(workdir / "out-centre"), "--labels", ",".join(other),
-                        "--out", str(retag_out)], "vgclip predict --embeddings")  # fmt: skip
-    retag_rows = pq_rows(retag_out / "predictions.parquet")
-    assert retag_rows == len(images), retag["stdout"]
-
-    rss_config = args.rss_config or args.config
-    rss_export = make_model(workdir, rss_config)
-    # The memory pair: the vgclip side's run is the smaller one when it used the same towers.
-    small = vg if rss_config == args.config else predict(rss_export, ["--list", str(small_list)],
-                                                         workdir / "out-rss-small", labels, args, "centre",
-                                                         "vgclip predict (--list of --images)")  # fmt: skip
-    large = predict(rss_export, ["--list", str(list_file(workdir, images, args.rss_images))], workdir / "out-rss-large",
-                    labels, args, "centre", "vgclip predict (--list of --rss-images)")  # fmt: skip
-    assert small["scored"] == len(images) and large["scored"] == args.rss_images, large["stdout"]
-    shutil.rmtree(workdir / "out-rss-large", ignore_errors=True)  # the largest output: not kept
+    retag, retag_rows = retag_run(workdir, len(images))
+    small, large, rss_config = memory_pair(args, workdir, images, small_list, labels, vg)
 
     print(json.dumps({
         "benchmark": "predict_collection", "device": "cpu", "images": len(images), "image_source": source,
@@ -322,7 +342,7 @@ def main() -> None:
         "ratio_vgclip_over_open_clip": round(vg["images_per_s"] / oc["images_per_s"], 3),
         "ratio_wall_vgclip_over_open_clip": round(len(images) / vg["wall_s"] / oc["images_per_s"], 3),
         "multi_crop_images": args.multi_images, "vgclip_multi_images_per_s": round(multi["images_per_s"], 2),
-        "retag_labels": len(other), "retag_images": retag_rows, "retag_s": round(retag["wall_s"], 2),
+        "retag_labels": len(OTHER_LABELS), "retag_images": retag_rows, "retag_s": round(retag["wall_s"], 2),
         "encode_again_s": round(vg["wall_s"], 2), "ratio_encode_over_retag": round(vg["wall_s"] / retag["wall_s"], 1),
         "rss_model": rss_config, "rss_small_images": len(images), "rss_large_images": args.rss_images,
         "rss_large_inputs": "symlinks", "rss_small_mb": round(small["maxrss_mb"], 1),
