@@ -214,7 +214,7 @@ def test_card_reports_the_tracked_zero_shot_map_and_the_chosen_checkpoint(tmp_pa
     from vgclip.model.weights_file import read_safetensors, write_safetensors
 
     best = {"select_by": "zeroshot_map", "value": 0.5123, "checkpoint": "/elsewhere/run/checkpoints/step-8",
-            "step": 8, "epoch": 2, "weights": "/elsewhere/run/best.safetensors"}
+            "step": 8, "epoch": 1, "weights": "/elsewhere/run/best.safetensors"}
     run = _bare_run(tmp_path, val_voc_root=str(tmp_path / "data" / "heldout-voc"), best=best)
     (run / "metrics.csv").write_text("step,epoch,split,loss,zeroshot_map,note\n4,0,val,1.5,0.4321,\n"
                                      "8,1,val,1.4,0.5123,\n")  # fmt: skip
@@ -222,14 +222,14 @@ def test_card_reports_the_tracked_zero_shot_map_and_the_chosen_checkpoint(tmp_pa
     write_safetensors(run / "best.safetensors", read_safetensors(run / "model.safetensors"), metadata=meta)
     text = write_run_card(run).read_text()
     assert "Zero-shot: not evaluated yet" not in text and "mAP" in _front_matter(text)["metrics"]
-    assert "held-out VOC-layout `heldout-voc`" in text and "epoch 1 0.4321, epoch 2 0.5123" in text
-    assert "highest **0.5123** (epoch 2)" in text
+    assert "held-out VOC-layout `heldout-voc`" in text and "epoch 0 0.4321, epoch 1 0.5123" in text
+    assert "highest **0.5123** (epoch 1)" in text  # 0-based, as the console
     assert ("Best checkpoint (`train.select_by=zeroshot_map`, the highest zero-shot mAP): `checkpoints/step-8` "
-            "(after epoch 2, step 8), mAP **0.5123**") in text
+            "(after epoch 1, step 8), mAP **0.5123**") in text
     assert 'vgclip.load_checkpoint("my-run/best.safetensors")' in text and "/elsewhere" not in text
     # without run_info.json's record, best.safetensors' metadata names the same checkpoint
     (run / RUN_INFO_FILE).write_text(json.dumps({"train_seconds": 1.0}))
-    assert "`checkpoints/step-8` (after epoch 2, step 8), mAP **0.5123**" in write_run_card(run).read_text()
+    assert "`checkpoints/step-8` (after epoch 1, step 8), mAP **0.5123**" in write_run_card(run).read_text()
 
 
 def test_card_says_how_to_install_what_exists(tmp_path):

@@ -200,7 +200,8 @@ def last_validation(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _zeroshot_history(run_dir: Path) -> list[tuple[int, float]]:
-    """(epoch, counted from 1, zero-shot mAP) of the validation rows of metrics.csv that have one."""
+    """(epoch, counted from 0 as the console, metrics.csv and `best` count, zero-shot mAP) of metrics.csv's validation
+    rows that have one."""
     try:
         with open(run_dir / METRICS_FILE, newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.DictReader(fh) if r.get("split") == "val" and r.get("zeroshot_map")]
@@ -209,7 +210,7 @@ def _zeroshot_history(run_dir: Path) -> list[tuple[int, float]]:
     history = {}
     for row in rows:
         try:
-            history[int(row["epoch"]) + 1] = float(row["zeroshot_map"])  # a resumed epoch: its last row
+            history[int(row["epoch"])] = float(row["zeroshot_map"])  # a resumed epoch: its last row
         except (KeyError, TypeError, ValueError):
             continue
     return sorted(history.items())
