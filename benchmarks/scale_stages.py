@@ -85,7 +85,7 @@ def train_shards(shards: Path, max_images: int | None = None) -> tuple[str, int]
 
 def _samples(shard: Path) -> int:
     with tarfile.open(shard) as tar:
-        return sum(1 for m in tar if m.name.endswith(".json"))
+        return sum(1 for m in tar if m.name.endswith((".json", ".json.gz")))
 
 
 def shard_payload(shards: Path) -> dict:
@@ -97,7 +97,7 @@ def shard_payload(shards: Path) -> dict:
             for member in tar:
                 if member.name.endswith(".jpg"):
                     jpeg, images = jpeg + member.size, images + 1
-                elif member.name.endswith(".json"):
+                elif member.name.endswith((".json", ".json.gz")):
                     meta += member.size
     return {"shard_bytes": files, "jpeg_bytes": jpeg, "json_bytes": meta, "images": images}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.prepare._shard_reading import shard_samples
 from vgclip.commands import prepare
 from vgclip.data.images import BadImageError, open_image, open_image_checked, pil_detail
 from vgclip.errors import VgclipError
@@ -102,12 +102,8 @@ def read_shards(out: Path) -> dict[str, dict]:
     """key -> (json meta, image) of every sample in every shard."""
     samples: dict[str, dict] = {}
     for tar_path in sorted(out.glob("*/shard-*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                data = tar.extractfile(member).read()
-                entry = samples.setdefault(key, {})
-                entry[ext] = json.loads(data) if ext == "json" else Image.open(io.BytesIO(data))
+        for key, sample in shard_samples(tar_path).items():
+            samples[key] = {"json": sample["meta"], "jpg": Image.open(io.BytesIO(sample["jpg"]))}
     return samples
 
 

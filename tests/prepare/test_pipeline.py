@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests._paths import ROOT, SHARED_DATA
+from tests.prepare._shard_reading import shard_samples
 from vgclip.commands import prepare
 from vgclip.errors import VgclipError
 
@@ -71,8 +71,7 @@ def test_resume_keeps_complete_shards_and_rewrites_partial(tmp_path: Path) -> No
     run_prepare(*args[:-1], "--max-side", "32", "--shard-size", "4", "--quiet")
     changed = shard_bytes(out)
     assert sorted(changed) == ["train/shard-000000.tar", "train/shard-000001.tar", "val/shard-000000.tar"]
-    with tarfile.open(out / "train" / "shard-000000.tar") as tar:
-        meta = json.loads(tar.extractfile(tar.getnames()[1]).read())
+    meta = next(iter(shard_samples(out / "train" / "shard-000000.tar").values()))["meta"]
     assert (meta["width"], meta["height"]) == (32, 24)
     assert meta["regions"][1]["box"] == [2.0, 1.0, 10.0, 5.0]  # (4, 2, 20, 10) scaled by 1/2
 
@@ -129,8 +128,7 @@ def test_csv_source(tmp_path: Path) -> None:
                                              "phrase_empty": 1}
     assert sum(s["images"] for s in manifest["splits"].values()) == 2
     assert sum(s["regions"] for s in manifest["splits"].values()) == 2
-    with tarfile.open(out / manifest["splits"]["train"]["shards"][0]) as tar:
-        meta = json.loads(tar.extractfile([n for n in tar.getnames() if n.endswith(".json")][0]).read())
+    meta = next(iter(shard_samples(out / manifest["splits"]["train"]["shards"][0]).values()))["meta"]
     assert meta["source"] == "csv" and meta["regions"][0]["box"] is None
 
 
@@ -152,12 +150,11 @@ def test_coco_mini(tmp_path: Path) -> None:
     got = {}
     for split in ("train", "val"):
         for shard in manifest["splits"][split]["shards"]:
-            with tarfile.open(out / shard) as tar:
-                for name in (n for n in tar.getnames() if n.endswith(".json")):
-                    meta = json.loads(tar.extractfile(name).read())
-                    assert meta["source"] == "coco" and all(r["box"] is None for r in meta["regions"])
-                    assert max(meta["width"], meta["height"]) <= 128
-                    got[meta["image_id"]] = len(meta["regions"])
+            for sample in shard_samples(out / shard).values():
+                meta = sample["meta"]
+                assert meta["source"] == "coco" and all(r["box"] is None for r in meta["regions"])
+                assert max(meta["width"], meta["height"]) <= 128
+                got[meta["image_id"]] = len(meta["regions"])
     assert got == {k: v for k, v in expected.items() if v}
     assert manifest["splits"]["val"]["images"] >= 1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests._paths import SHARED_DATA
+from tests.prepare._shard_reading import shard_samples
 from vgclip.commands import prepare
 from vgclip.prepare.cleaning import CleaningSettings, Skips, assign_split, split_sizes
-from vgclip.prepare.visual_genome import iter_vg_records
+from vgclip.prepare.visual_genome import iter_vg_records, read_image_data
 
 SAMPLE = SHARED_DATA / "vg-json-sample"
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"VG JSON sample not found at {SAMPLE}")
@@ -92,19 +92,16 @@ def test_prepare_sample_counts_and_format(version: str, tmp_path: Path) -> None:
     for split in ("train", "val"):
         regions = 0
         for shard in manifest["splits"][split]["shards"]:
-            with tarfile.open(out / shard) as tar:
-                names = tar.getnames()
-                for name in names:
-                    if name.endswith(".json"):
-                        meta = json.loads(tar.extractfile(name).read())
-                        assert name == f"vg-{meta['image_id']:09d}.json" and meta["source"] == "vg"
-                        assert max(meta["width"], meta["height"]) == 256
-                        assert name[:-5] + ".jpg" in names
-                        seen[meta["image_id"]] = split
-                        regions += len(meta["regions"])
-                        for region in meta["regions"]:
-                            x, y, w, h = region["box"]
-                            assert w > 0 and h > 0 and x + w <= meta["width"] + 0.01 and y + h <= meta["height"] + 0.01
+            for key, sample in shard_samples(out / shard).items():
+                meta = sample["meta"]
+                assert key == f"vg-{meta['image_id']:09d}" and meta["source"] == "vg"
+                assert max(meta["width"], meta["height"]) == 256
+                assert sample["members"] == ["jpg", "json.gz"]
+                seen[meta["image_id"]] = split
+                regions += len(meta["regions"])
+                for region in meta["regions"]:
+                    x, y, w, h = region["box"]
+                    assert w > 0 and h > 0 and x + w <= meta["width"] + 0.01 and y + h <= meta["height"] + 0.01
         assert regions == manifest["splits"][split]["regions"]
     assert set(seen) == set(expected)
     assert sum(s["regions"] for s in manifest["splits"].values()) == sum(expected.values())
@@ -146,3 +143,18 @@ def test_split_is_deterministic_and_disjoint(ids, train, val, seed, shuffle_seed
     assert not set(train_keys) & set(val_keys)
     assert set(train_keys) | set(val_keys) <= set(keys)
     assert (len(train_keys), len(val_keys)) == split_sizes(len(keys), train, val)
+
+
+def test_image_table_reads_image_data_as_a_dict_would(tmp_path: Path) -> None:
+    entries = [{"image_id": 9, "width": 800, "height": 600, "url": "https://x/VG_100K_2/9.jpg"},
+               {"id": 3, "width": 500, "height": 333, "url": "https://x/VG_100K/3.jpg"},
+               {"image_id": 9, "width": 640, "height": 480},  # a repeated id: the last entry counts, as in a dict
+               {"image_id": 4, "width": 0, "height": 10}, "not an object"]  # fmt: skip
+    (tmp_path / "image_data.json").write_text(json.dumps(entries))
+    skips = Skips()
+    table = read_image_data(tmp_path / "image_data.json", skips)
+    assert len(table) == 2 and 3 in table and 9 in table and 4 not in table and "3" not in table
+    assert table[3] == (500, 333, "VG_100K") and table[9] == (640, 480, None)
+    with pytest.raises(KeyError):
+        table[5]
+    assert skips.counts == {"image_data_bad_size": 1, "image_data_not_object": 1}

@@ -1,6 +1,6 @@
 """Which samples a shard holds, read as a forward-only stream: usable samples, ranges of them, counts.
 
-A sample is usable when it has an image and a text (vgclip `json` regions, or an img2dataset /
+A sample is usable when it has an image and a text (vgclip `json.gz` / `json` regions, or an img2dataset /
 open_clip caption); others are skipped with a reason. Images are not decoded here.
 """
 
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from typing import Any, NamedTuple
@@ -21,6 +22,8 @@ from vgclip.data.shard_locations import READ_ERRORS, Shard, is_remote, read_samp
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+TEXT_SUFFIXES = ("json", "json.gz", "txt")  # vgclip regions (gzip-compressed as `prepare` writes them), or a caption
+MAX_METADATA_BYTES = 16 << 20  # a `json.gz` member that inflates beyond this is refused, not inflated
 SHARD_RETRIES = 2  # extra reads of a remote shard whose stream broke, before it counts as skipped
 RETRY_WAIT_S = 0.5  # doubled after each retry
 RawSample = tuple[str, bytes, dict[str, Any], str]  # key, image bytes, parsed metadata, shard url
@@ -132,19 +135,19 @@ def raw_samples(shards: list[Shard], skip: Callable[..., None], tar_reader: str 
 def sample_parts(parts: dict[str, bytes]) -> tuple[str | None, bytes, Any]:
     """(skip reason or None, image bytes, metadata) from the raw parts of one sample; no decoding.
 
-    vgclip samples carry regions in `json`; img2dataset / open_clip ones a caption (`txt`, or
-    `caption` in `json`), which becomes one whole-image region.
+    vgclip samples carry regions in `json.gz` (`json` from earlier versions); img2dataset / open_clip ones a
+    caption (`txt`, or `caption` in `json`), which becomes one whole-image region.
     """
-    if "json" not in parts and "txt" not in parts:
+    if not any(suffix in parts for suffix in TEXT_SUFFIXES):
         return "missing_json", b"", None
     image = next((parts[suffix] for suffix in IMAGE_SUFFIXES if suffix in parts), None)
     if image is None:
         return "missing_jpg", b"", None
     meta: Any = None
-    if "json" in parts:
+    if "json" in parts or "json.gz" in parts:
         try:
-            meta = json.loads(parts["json"])
-        except (ValueError, UnicodeDecodeError):
+            meta = json.loads(parts["json"] if "json" in parts else inflate_metadata(parts["json.gz"]))
+        except (ValueError, UnicodeDecodeError, zlib.error):
             return "bad_json", image, None
         if isinstance(meta, dict) and "regions" in meta:
             return metadata_problem(meta), image, meta
@@ -155,17 +158,28 @@ def sample_parts(parts: dict[str, bytes]) -> tuple[str | None, bytes, Any]:
     return metadata_problem(meta), image, meta
 
 
+def inflate_metadata(data: bytes) -> bytes:
+    """The JSON inside a gzip member, at most MAX_METADATA_BYTES of it (ValueError beyond, or when truncated)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and trailer
+    out = inflater.decompress(data, MAX_METADATA_BYTES)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"metadata inflates beyond {MAX_METADATA_BYTES} bytes")
+    if not inflater.eof:
+        raise ValueError("truncated gzip metadata")
+    return out
+
+
 def scan_shard(shard: Shard, tar_reader: str, *, check_text: bool) -> int:
     """Samples in one shard, as `raw_samples` gives them (with `check_text`: parsing the JSON / text,
     without: every sample with an image and a text member), reading no image bytes."""
     count = 0
-    wanted = (lambda suffix: check_text and suffix in ("json", "txt"))
+    wanted = (lambda suffix: check_text and suffix in TEXT_SUFFIXES)
     try:
         for _key, parts in read_samples(shard, tar_reader, wanted=wanted):
             if check_text:
                 count += sample_parts(parts)[0] is None
             else:
-                count += any(s in parts for s in IMAGE_SUFFIXES) and ("json" in parts or "txt" in parts)
+                count += any(s in parts for s in IMAGE_SUFFIXES) and any(s in parts for s in TEXT_SUFFIXES)
     except READ_ERRORS as exc:
         logger.warning("%s: unreadable tar (%s); counting the samples before the damage", shard, exc)
     return count

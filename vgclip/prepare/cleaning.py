@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,6 +39,14 @@ class Skips:
         self.counts[reason] += 1
         if self.counts[reason] <= MAX_EXAMPLES_PER_REASON:
             self.items.append((item, reason))
+
+    def add_many(self, reason: str, count: int, items: Iterable[str]) -> None:
+        """Record `count` items dropped for `reason`, reading from `items` (lazy) only the examples kept."""
+        if count <= 0:
+            return
+        room = max(0, min(count, MAX_EXAMPLES_PER_REASON - self.counts[reason]))
+        self.items.extend((item, reason) for item in itertools.islice(items, room))
+        self.counts[reason] += count
 
     def extend(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Record several (item, reason) pairs."""

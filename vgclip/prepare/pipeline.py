@@ -1,10 +1,12 @@
 """The `prepare` pipeline: cleaned records -> split -> shards in parallel -> manifest.json.
 
+0. The shard-writing processes are forked first, while this process is small: forked later, each would
+   carry (and count in its resident memory) everything the steps below hold.
 1. Records from a source (VG, COCO, CSV) are spooled to `SHARDS/.state/records.jsonl`, keeping
-   only (key -> file offset) in memory, so memory stays bounded for the full VG.
-2. The split orders keys by a seeded stable hash (see cleaning.assign_split); shards are filled in
+   only an array index (offset, length, split hash: 24 bytes a record) in memory (prepare/spool.py).
+2. The split orders keys by a seeded stable hash (as cleaning.assign_split); shards are filled in
    that order, so each shard is a random-looking but reproducible sample of its split.
-3. Shards are written by a process pool, one task (list of records) per shard. A shard whose
+3. Shards are written by the process pool, one task (list of records) per shard. A shard whose
    final file and `.state/` result exist with the same keys and settings is kept (resume);
    everything else is (re)written.
 4. manifest.json is written atomically with counts, settings, shard lists and every skip.
@@ -13,19 +15,22 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-from concurrent.futures.process import BrokenProcessPool
 import hashlib
 import json
 import multiprocessing
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from vgclip.prepare.cleaning import CleaningSettings, Skips, assign_split
+from vgclip.prepare.cleaning import CleaningSettings, Skips, split_sizes
+from vgclip.prepare.spool import Spool, item_of_key, split_order, spool_records
 from vgclip.data.images import DEFAULT_MAX_PIXELS
 from vgclip.prepare.shard_writer import (
     FORMATS, ShardResult, ShardTask, result_from_json, shard_name, state_path, tfrecord_writer_class, write_shard,
@@ -85,21 +90,18 @@ def run_prepare(records: Iterable[dict], out: str | Path, settings: PrepareSetti
     state_dir = out / ".state"
     state_dir.mkdir(parents=True, exist_ok=True)
     excluded = read_exclude_ids(settings.exclude_ids_file)
-    spool = state_dir / "records.jsonl"
+    spool_path = state_dir / "records.jsonl"
     try:
-        offsets = _spool_records(records, spool, excluded, skips)
-        if not offsets:
-            raise VgclipError(nothing_usable(skips, inputs))
-        train_keys, val_keys = assign_split(offsets, settings.train_images, settings.val_images, settings.seed)
-        chosen = set(train_keys) | set(val_keys)
-        for key in sorted(offsets.keys() - chosen):
-            skips.add(_item_of_key(key), "beyond_split_sizes")
-        # From here shards change: a manifest left by an earlier run would no longer describe them.
-        (out / "manifest.json").unlink(missing_ok=True)
-        results = _write_all_shards(out, spool, offsets, {"train": train_keys, "val": val_keys}, settings,
-                                    progress)
+        with _worker_pool(settings.workers) as pool:
+            spool = spool_records(records, spool_path, settings.seed, excluded, skips)
+            if not len(spool):
+                raise VgclipError(nothing_usable(skips, inputs))
+            split_positions = _split(spool, settings, skips)
+            # From here shards change: a manifest left by an earlier run would no longer describe them.
+            (out / "manifest.json").unlink(missing_ok=True)
+            results = _write_all_shards(out, spool, split_positions, settings, pool, progress)
     finally:
-        spool.unlink(missing_ok=True)
+        spool_path.unlink(missing_ok=True)
     manifest = _build_manifest(results, settings, skips, inputs)
     if not any(entry["images"] for entry in manifest["splits"].values()):
         raise VgclipError(nothing_usable(skips, inputs))
@@ -109,41 +111,31 @@ def run_prepare(records: Iterable[dict], out: str | Path, settings: PrepareSetti
     return manifest
 
 
-def _spool_records(records: Iterable[dict], spool: Path, excluded: set[str], skips: Skips) -> dict[str, tuple]:
-    """Write records as JSON lines; return key -> (offset, length). Excluded ids become skips."""
-    offsets: dict[str, tuple[int, int]] = {}
-    with open(spool, "wb") as fh:
-        for record in records:
-            key = record["key"]
-            if str(record["image_id"]) in excluded or key in excluded:
-                skips.add(_item_of_key(key), "excluded_id")
-                continue
-            if key in offsets:
-                skips.add(_item_of_key(key), "duplicate_image_id")
-                continue
-            line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
-            offsets[key] = (fh.tell(), len(line))
-            fh.write(line)
-    return offsets
+def _split(spool: Spool, settings: PrepareSettings, skips: Skips) -> dict[str, np.ndarray]:
+    """Spool positions of each split's records, in shard order; the rest are `beyond_split_sizes` skips."""
+    order = split_order(spool, skips)
+    n_train, n_val = split_sizes(len(order), settings.train_images, settings.val_images)
+    rest = np.sort(order[n_train + n_val:])
+    skips.add_many("beyond_split_sizes", len(rest), (item_of_key(key) for key in _keys_lazily(spool, rest)))
+    return {"train": order[:n_train], "val": order[n_train:n_train + n_val]}
 
 
-def _item_of_key(key: str) -> str:
-    """The skip-list spelling of a record key: "vg-000000123" -> "vg:123" (as the readers write it)."""
-    source, _, number = key.rpartition("-")
-    return f"{source}:{int(number)}" if number.isdigit() else key
+def _keys_lazily(spool: Spool, positions: np.ndarray, chunk: int = 256) -> Iterator[str]:
+    for start in range(0, len(positions), chunk):
+        yield from spool.keys(positions[start:start + chunk])
 
 
-def _plan_tasks(out: Path, split_keys: dict[str, list[str]],
-                settings: PrepareSettings) -> Iterator[tuple[str, int, list[str]]]:
-    """(split, shard index, keys) of every shard, creating split folders and removing stale files."""
+def _plan_tasks(out: Path, split_positions: dict[str, np.ndarray],
+                settings: PrepareSettings) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(split, shard index, spool positions) of every shard, creating split folders and removing stale files."""
     for split in SPLITS:
-        keys = split_keys[split]
+        positions = split_positions[split]
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        n_shards = -(-len(keys) // settings.shard_size)
+        n_shards = -(-len(positions) // settings.shard_size)
         _remove_stale(split_dir, out / ".state", split, n_shards, FORMATS[settings.format])
         for index in range(n_shards):
-            yield split, index, keys[index * settings.shard_size:(index + 1) * settings.shard_size]
+            yield split, index, positions[index * settings.shard_size:(index + 1) * settings.shard_size]
 
 
 def _remove_stale(split_dir: Path, state_dir: Path, split: str, n_shards: int, suffix: str) -> None:
@@ -174,62 +166,73 @@ def _completed(out: Path, split: str, index: int, keys: list[str], settings: Pre
     return result
 
 
-def _write_all_shards(out: Path, spool: Path, offsets: dict, split_keys: dict[str, list[str]],
-                      settings: PrepareSettings, progress: bool) -> list[ShardResult]:
-    """Keep completed shards, write the others (in a process pool when workers > 1)."""
+def _write_all_shards(out: Path, spool: Spool, split_positions: dict[str, np.ndarray], settings: PrepareSettings,
+                      pool: cf.ProcessPoolExecutor | None, progress: bool) -> list[ShardResult]:  # fmt: skip
+    """Keep completed shards, write the others (in the process pool when there is one)."""
+    plan = list(_plan_tasks(out, split_positions, settings))
     results: list[ShardResult] = []
-    todo: list[tuple[str, int, list[str]]] = []
-    for split, index, keys in _plan_tasks(out, split_keys, settings):
-        done = _completed(out, split, index, keys, settings)
-        if done is not None:
-            results.append(done)
-        else:
-            todo.append((split, index, keys))
-    bar = tqdm(total=len(todo), unit="shard", desc="writing shards", disable=not progress, file=sys.stderr)
-    with open(spool, "rb") as fh:
-        tasks = (_make_task(out, fh, offsets, split, index, keys, settings) for split, index, keys in todo)
-        for result in _run_tasks(tasks, settings.workers):
-            results.append(result)
-            bar.update(1)
-            bar.set_postfix(images=sum(r.images for r in results))
+    bar = tqdm(total=len(plan), unit="shard", desc="writing shards", disable=not progress, file=sys.stderr)
+
+    def keep(result: ShardResult) -> None:
+        result.keys = []  # in the shard's .state file for resume; the manifest needs only the counts
+        results.append(result)
+        bar.update(1)
+        bar.set_postfix(images=sum(r.images for r in results))
+
+    def tasks() -> Iterator[ShardTask]:
+        for split, index, positions in plan:
+            records = spool.read(positions)
+            done = _completed(out, split, index, [r["key"] for r in records], settings)
+            if done is not None:
+                keep(done)
+            else:
+                yield _make_task(out, records, split, index, settings)
+
+    for result in _run_tasks(tasks(), pool, window=2 * settings.workers):
+        keep(result)
     bar.close()
     return sorted(results, key=lambda r: (SPLITS.index(r.split), r.index))
 
 
-def _make_task(out: Path, fh, offsets: dict, split: str, index: int, keys: list[str],
-               settings: PrepareSettings) -> ShardTask:
-    records = []
-    for key in keys:
-        offset, length = offsets[key]
-        fh.seek(offset)
-        records.append(json.loads(fh.read(length)))
+def _make_task(out: Path, records: list[dict], split: str, index: int, settings: PrepareSettings) -> ShardTask:
     return ShardTask(split=split, index=index, out_dir=str(out / split), state_dir=str(out / ".state"),
                      records=records, fingerprint=settings.fingerprint(), max_side=settings.max_side,
                      jpeg_quality=settings.jpeg_quality, max_pixels=settings.max_pixels, fmt=settings.format)
 
 
-def _run_tasks(tasks: Iterator[ShardTask], workers: int) -> Iterator[ShardResult]:
-    """Run shard tasks inline (workers <= 1) or in a process pool with a bounded window."""
+@contextmanager
+def _worker_pool(workers: int) -> Iterator[cf.ProcessPoolExecutor | None]:
+    """The shard-writing processes, all started before the caller reads any record (None: write inline)."""
     if workers <= 1:
-        yield from (write_shard(t) for t in tasks)
+        yield None
         return
     # fork on Linux: workers only run PIL + tarfile, and spawn would re-import the caller's main
     # module (breaking scripts without a __main__ guard, stdin, notebooks). Elsewhere fork is
-    # unsafe (macOS) or missing. The window keeps at most 2 shards per worker of records in memory.
+    # unsafe (macOS) or missing.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending: set[cf.Future] = set()
-            for task in tasks:
-                pending.add(pool.submit(write_shard, task))
-                if len(pending) >= 2 * workers:
-                    done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                    yield from (f.result() for f in done)
-            for future in cf.as_completed(pending):
-                yield future.result()
+            # The first task forks every worker (a fork pool starts them all at once): now, while the index is empty.
+            pool.submit(int).result()
+            yield pool
     except BrokenProcessPool:
         raise VgclipError("a shard-writing process died (out of memory?); rerun the same command to resume "
                            "(finished shards are kept), perhaps with fewer --workers") from None
+
+
+def _run_tasks(tasks: Iterator[ShardTask], pool: cf.ProcessPoolExecutor | None, window: int) -> Iterator[ShardResult]:
+    """Run shard tasks inline (no pool) or in the pool with at most `window` shards of records pending."""
+    if pool is None:
+        yield from (write_shard(t) for t in tasks)
+        return
+    pending: set[cf.Future] = set()
+    for task in tasks:
+        pending.add(pool.submit(write_shard, task))
+        if len(pending) >= window:
+            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            yield from (f.result() for f in done)
+    for future in cf.as_completed(pending):
+        yield future.result()
 
 
 def _build_manifest(results: list[ShardResult], settings: PrepareSettings, skips: Skips, inputs: dict) -> dict:

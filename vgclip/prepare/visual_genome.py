@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import codecs
 import os
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import ijson
+import numpy as np
 
 from vgclip.prepare.cleaning import CleaningSettings, Skips, clean_box, clean_phrase
 from vgclip.errors import VgclipError
@@ -96,9 +98,48 @@ def check_vg_root(vg_root: str | Path) -> tuple[Path, Path]:
     return root / IMAGE_DATA, root / REGION_DESCRIPTIONS
 
 
-def read_image_data(path: str | Path, skips: Skips) -> dict[int, tuple[int, int, str | None]]:
-    """image id -> (width, height, image sub-folder named by the url or None). Small: ~108k entries."""
-    meta: dict[int, tuple[int, int, str | None]] = {}
+class ImageTable:
+    """image_data.json as arrays: id -> (width, height, image sub-folder named by the url or None).
+
+    About 25 bytes an image in numpy arrays instead of a few hundred in a dict of tuples: `prepare` holds it for
+    the whole region pass. A repeated id keeps its last entry, as a dict would.
+    """
+
+    def __init__(self, ids: Sequence[int], widths: Sequence[int], heights: Sequence[int], subdirs: Sequence[int]) -> None:
+        order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+        ids_sorted = np.asarray(ids, dtype=np.int64)[order]
+        last = np.r_[ids_sorted[1:] != ids_sorted[:-1], True]  # the last entry of each id
+        self.ids, order = ids_sorted[last], order[last]
+        self.widths = np.asarray(widths, dtype=np.int64)[order]
+        self.heights = np.asarray(heights, dtype=np.int64)[order]
+        self.subdirs = np.asarray(subdirs, dtype=np.int8)[order]  # index into IMAGE_DIRS, -1: none
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def position(self, image_id: int) -> int | None:
+        """Row of `image_id`, None when image_data.json does not list it."""
+        row = int(np.searchsorted(self.ids, image_id))
+        return row if row < len(self.ids) and self.ids[row] == image_id else None
+
+    def __contains__(self, image_id: object) -> bool:
+        return isinstance(image_id, int) and self.position(image_id) is not None
+
+    def __getitem__(self, image_id: int) -> tuple[int, int, str | None]:
+        row = self.position(image_id)
+        if row is None:
+            raise KeyError(image_id)
+        return self.at(row)
+
+    def at(self, row: int) -> tuple[int, int, str | None]:
+        """(width, height, sub-folder or None) of the image at `row` (as `position` gives it)."""
+        code = int(self.subdirs[row])
+        return int(self.widths[row]), int(self.heights[row]), IMAGE_DIRS[code] if code >= 0 else None
+
+
+def read_image_data(path: str | Path, skips: Skips) -> ImageTable:
+    """image id -> (width, height, image sub-folder named by the url or None), for ~108k images."""
+    ids, widths, heights, subdirs = array("q"), array("q"), array("q"), array("b")
     for n, entry in enumerate(stream_json_array(path)):
         if not isinstance(entry, dict):
             skips.add(f"image_data[{n}]", "image_data_not_object")
@@ -112,9 +153,11 @@ def read_image_data(path: str | Path, skips: Skips) -> dict[int, tuple[int, int,
             skips.add(f"vg:{int(image_id)}", "image_data_bad_size")
             continue
         url = entry.get("url") or ""
-        subdir = next((d for d in IMAGE_DIRS if f"/{d}/" in url), None)
-        meta[int(image_id)] = (int(width), int(height), subdir)
-    return meta
+        ids.append(int(image_id))
+        widths.append(int(width))
+        heights.append(int(height))
+        subdirs.append(next((i for i, d in enumerate(IMAGE_DIRS) if f"/{d}/" in url), -1))
+    return ImageTable(ids, widths, heights, subdirs)
 
 
 def resolve_image_path(vg_root: Path, image_id: int, subdir: str | None) -> Path | None:
@@ -129,32 +172,33 @@ def resolve_image_path(vg_root: Path, image_id: int, subdir: str | None) -> Path
 
 def iter_clean_regions(
     region_path: str | Path,
-    meta: dict[int, tuple[int, int, str | None]],
+    meta: ImageTable,
     settings: CleaningSettings,
     skips: Skips,
 ) -> Iterator[tuple[int, list[list]]]:
     """Stream region_descriptions.json; yield (image id, cleaned regions) per image with any left."""
-    seen: set[int] = set()
+    seen = np.zeros(len(meta), dtype=bool)
     for n, entry in enumerate(stream_json_array(region_path)):
         image_id = _entry_image_id(entry)
         if image_id is None:
             skips.add(f"region_descriptions[{n}]", "regions_entry_missing_keys")
             continue
-        if image_id not in meta:
+        row = meta.position(image_id)
+        if row is None:
             skips.add(f"vg:{image_id}", "no_image_data")
             continue
-        seen.add(image_id)
+        seen[row] = True
         if not isinstance(entry.get("regions"), list):
             skips.add(f"vg:{image_id}", "regions_entry_missing_keys")
             continue
-        width, height, _ = meta[image_id]
+        width, height, _ = meta.at(row)
         regions = _clean_regions(image_id, entry["regions"], width, height, settings, skips)
         if regions:
             yield image_id, regions
         else:
             skips.add(f"vg:{image_id}", "no_valid_regions")
-    for image_id in meta.keys() - seen:
-        skips.add(f"vg:{image_id}", "no_regions_entry")
+    unseen = meta.ids[~seen]
+    skips.add_many("no_regions_entry", len(unseen), (f"vg:{image_id}" for image_id in unseen.tolist()))
 
 
 def iter_vg_records(vg_root: str | Path, settings: CleaningSettings, skips: Skips) -> Iterator[dict]:
