@@ -137,12 +137,18 @@ def test_text_embeddings_cached_and_requests_batched(served, images: list[Path])
 
 def test_report_page_data_tune_and_gallery(served) -> None:
     client, _, report, _ = served
-    data = client.get("/api/report").json()
+    response = client.get("/api/report", headers={"Accept-Encoding": "gzip"})
+    data = response.json()
     ids = data["image_ids"]
     assert data["available"] and data["score"] == "sigmoid" and len(data["scores"]) == len(ids)
+    # The page's one document travels compressed; its content is exactly page_data (served from a cache).
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.num_bytes_downloaded < len(response.content) / 2
+    assert json.loads(client.get("/api/report", headers={"Accept-Encoding": "identity"}).content) == data
     assert len(data["curve"]["threshold"]) == len(data["curve"]["micro_f1"]) and data["gallery"] == sorted(ids)
     thumb = client.get(f"/api/report/images/{ids[0]}")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert "content-encoding" not in thumb.headers  # a JPEG is not compressed again
     assert Image.open(io.BytesIO(thumb.content)).size[0] <= 256
     for attempt in ("..%2F..%2Freport.json", "%2Fetc%2Fpasswd", "nope", "..%2Fscores.csv"):
         assert client.get(f"/api/report/images/{attempt}").status_code == 404

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
@@ -38,6 +39,7 @@ from vgclip.serve.limits import DRAIN_FACTOR, BodyLimit
 from vgclip.serve.report_folder import ReportData
 
 STATIC = Path(__file__).resolve().parent / "static"
+GZIP_MINIMUM_BYTES = 1024
 SCORE_KINDS = ("softmax", "sigmoid", "cosine")
 TEMPLATE_SETS = ("single", "ensemble")
 MAX_LABELS = 200
@@ -205,6 +207,9 @@ def create_app(engine: ScoringEngine, options: AppSettings, report: ReportData |
     app = FastAPIOffline(title="vgclip serve", lifespan=lifespan,
                   description="Zero-shot multi-label tagging with a trained vgclip run, and threshold tuning on a "
                               "`vgclip zeroshot` report.")  # fmt: skip
+    # Innermost: JSON and pages go out compressed to a browser that accepts it (the threshold page's one
+    # document of N x C scores shrinks several times); JPEG thumbnails are left as they are.
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MINIMUM_BYTES, compresslevel=6)
     app.add_middleware(BodyLimit, max_bytes=options.max_upload_bytes)
     # Added last, so outermost: a request without the token (or a write from another site) goes no further.
     app.add_middleware(AccessGuard, token=options.token, drain_limit=DRAIN_FACTOR * options.max_upload_bytes)
@@ -283,11 +288,11 @@ def add_report_routes(app: FastAPI, report: ReportData | None) -> None:
         return report
 
     @app.get("/api/report")
-    def report_data() -> dict[str, Any]:
+    def report_data() -> Response:
         """Scores, labels, tuned thresholds and the threshold curve of the report's evaluated split."""
         if report is None:
-            return {"available": False, "reason": "start `vgclip serve` with --report REPORT_DIR"}
-        return rep.page_data(report)
+            return JSONResponse({"available": False, "reason": "start `vgclip serve` with --report REPORT_DIR"})
+        return Response(rep.page_json(report), media_type="application/json")
 
     @app.post("/api/report/tune")
     def tune(body: TuneRequest) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from vgclip.eval.metrics import sweep
 from vgclip.eval.records import ReportSettings, ZeroshotReport
 from vgclip.eval.thresholds import FORMAT_VERSION, MODES, load_thresholds, save_thresholds, tune_thresholds
 
-__all__ = ["ReportData", "curve", "index_images", "load_report", "page_data", "read_report_json", "read_scores_csv", "save",
-           "thresholds_to_save", "thumbnail_jpeg", "tune_on_report"]
+__all__ = ["ReportData", "curve", "index_images", "load_report", "page_data", "page_json", "read_report_json",
+           "read_scores_csv", "save", "thresholds_to_save", "thumbnail_jpeg", "tune_on_report"]
 
 THUMBNAIL_SIDE = 256
 CURVE_POINTS = 201
@@ -42,6 +42,7 @@ class ReportData:
     save_path: Path
     images: dict[str, Path] = field(default_factory=dict)
     gallery_note: str = ""
+    page_bytes: bytes | None = field(default=None, repr=False)
 
     @property
     def settings(self) -> ReportSettings:
@@ -161,6 +162,15 @@ def page_data(data: ReportData) -> dict[str, Any]:
         "gallery": sorted(data.images),
         "gallery_note": data.gallery_note,
     }
+
+
+def page_json(data: ReportData) -> bytes:
+    """`page_data` as compact JSON bytes, built on the first call and kept: the report does not change while
+    the server runs, and FastAPI's generic encoder walks the N x C score lists on every request."""
+    if data.page_bytes is None:
+        data.page_bytes = json.dumps(page_data(data), separators=(",", ":"), ensure_ascii=False,
+                                     allow_nan=False).encode("utf-8")
+    return data.page_bytes
 
 
 def tune_on_report(data: ReportData, objective: str, mode: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from vgclip.serve.auth import TOKEN_ENV, is_loopback
 from vgclip.serve.collection import load_collection
 from vgclip.serve.collection_routes import check_collection
 from vgclip.serve.engine import ScoringEngine
-from vgclip.serve.report_folder import load_report
+from vgclip.serve.report_folder import load_report, page_json
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ def build_app(setup: ServeSettings) -> Any:
     report = None
     if setup.report is not None:
         report = load_report(setup.report, save_path=setup.save_thresholds, voc_root=setup.voc_root)
+        page_json(report)  # built once here, so the threshold page's first request does not wait for it
     collection = load_collection(setup.collection) if setup.collection is not None else None
     model, transform, tokenizer = vgclip.load_checkpoint(setup.checkpoint)
     transform = eval_transform(transform, options.crops)
