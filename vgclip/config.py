@@ -213,6 +213,9 @@ class TrainConfig:
     val_max_samples: int = 5000  # validation pairs per epoch (recall@K needs an N x N similarity matrix)
     # LiT: with a fully locked image tower and no augmentation, embed each image once and train on the cache.
     cache_locked_image: bool = True
+    # The cached row of a training image: the tower's output on the eval centre crop ("centre"), or the mean of
+    # its outputs on the eval.crops=multi views (vgclip/data/views.py, 8x the cache's compute; "multi").
+    cache_views: str = "centre"
     # Which epoch's weights become best.safetensors: lowest validation loss, or highest zero-shot mAP on
     # the held-out VOC-layout folder given as `vgclip train --val-voc-root` (evaluated every epoch).
     select_by: str = "val_loss"
@@ -221,6 +224,7 @@ class TrainConfig:
         _one_of("train.precision", self.precision, PRECISIONS)
         _one_of("train.loss", self.loss, LOSSES)
         _one_of("train.select_by", self.select_by, SELECT_BY)
+        _one_of("train.cache_views", self.cache_views, CROPS)
         for key in ("epochs", "max_steps", "warmup_steps", "checkpoint_every"):
             _at_least(f"train.{key}", getattr(self, key), 0)
         for key in ("accum_steps", "log_every", "keep_checkpoints", "max_bad_steps", "val_max_samples"):

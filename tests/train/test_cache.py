@@ -5,6 +5,7 @@ the transform, the decode path and the shards (URLs + manifest for remote ones);
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from safetensors.torch import load_file
 from tests._multiprocess import run_gloo_workers
 from tests._train_fixtures import ToyClip, write_shards
 from vgclip.config import load_config
+from vgclip.data.decoding import decode_image
 from vgclip.data.shard_locations import list_shards
 from vgclip.data.transforms import build_image_transform
+from vgclip.data.views import VIEWS, MultiCropTransform
 from vgclip.errors import VgclipError
 from vgclip.train import distributed as D
 from vgclip.train.cache import CACHE_FILE, INDEX_FILE, build_feature_cache, fingerprint
@@ -41,14 +44,15 @@ def _build(shards: Path, run: Path, info: D.DistInfo, workers: int = 0, seed: in
 
 
 def _rank_worker(rank: int, shards: str, root: str) -> list[dict]:
-    """Both 2-rank scenarios in one process group (starting processes dominates the cost):
-    a build into a shared folder, then per-node folders where rank 1's holds a stale cache.
+    """The 2-rank scenarios in one process group (starting processes dominates the cost): a build into a
+    shared folder, then per-node folders where rank 1's holds a stale cache, then a shared build of 8-view rows.
     One torch thread per rank (tests/_multiprocess.py), as the reference build: the same float reduction order."""
     info = D.init_distributed()  # from torchrun's variables (tests/_multiprocess.py sets them)
     results = []
-    for run in (Path(root, "shared"), Path(root, f"node{rank}")):
+    for run, extra in ((Path(root, "shared"), ()), (Path(root, f"node{rank}"), ()),
+                       (Path(root, "shared-multi"), ("train.cache_views=multi",))):  # fmt: skip
         try:
-            results.append({"rows": len(_build(Path(shards), run, info, workers=1))})
+            results.append({"rows": len(_build(Path(shards), run, info, 1, 0, *extra))})
         except VgclipError as exc:
             results.append({"error": str(exc)})
     return results
@@ -87,6 +91,22 @@ def test_two_rank_build_equals_one_process_build_bit_for_bit(shards, two_ranks, 
 
 
 @pytest.mark.slow
+def test_two_rank_multi_view_build_equals_one_process_build_bit_for_bit(shards, two_ranks, tmp_path):
+    root, results = two_ranks
+    assert [r[2] for r in results] == [{"rows": N_TRAIN}] * 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _build(shards, tmp_path / "one", D.DistInfo(), 0, 0, "train.cache_views=multi")
+    finally:
+        torch.set_num_threads(threads)
+    two, one = load_file(str(root / "shared-multi" / CACHE_FILE)), load_file(str(tmp_path / "one" / CACHE_FILE))
+    assert torch.equal(two["features"], one["features"])
+    centre = load_file(str(root / "shared" / CACHE_FILE))
+    assert not torch.allclose(two["features"], centre["features"])  # the 8-view rows, not the centre crops
+
+
+@pytest.mark.slow
 def test_a_stale_cache_on_one_rank_is_detected(two_ranks):
     """Rank 1 reads a per-node folder holding a cache from another tower: it must not train on it."""
     root, results = two_ranks
@@ -120,3 +140,25 @@ def test_fingerprint_covers_decode_path_and_remote_shards_without_stat(shards):
     assert base != fingerprint(_tower(), urls[:1], "t", fast_decode=True, manifest=manifest)
     changed = {"splits": {"train": {**manifest["splits"]["train"], "images": 81}}}
     assert base != fingerprint(_tower(), urls, "t", fast_decode=True, manifest=changed)
+
+
+def test_multi_view_rows_are_the_mean_of_the_towers_outputs_over_the_eval_views(shards, tmp_path):
+    """train.cache_views=multi (offline-base, issue 24): each row is the mean of the tower's pooled outputs on
+    the eval.crops=multi views of the image, not its centre crop; switching the setting rebuilds the cache."""
+    run = tmp_path / "run"
+    centre = _build(shards, run, D.DistInfo())
+    multi = _build(shards, run, D.DistInfo(), 0, 0, "train.cache_views=multi")  # same folder: rebuilt, not reused
+    assert multi.keys == centre.keys and multi.features.shape == centre.features.shape
+    views, tower = MultiCropTransform(EVAL_TF), _tower(0).eval()
+    with tarfile.open(shards / "train" / "shard-000000.tar") as tar:
+        jpgs = {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+    for row, key in enumerate(multi.keys[:5]):
+        chw = decode_image(key, jpgs[key], draft_size=None, tensor_ok=True)
+        pixels = views.normalize(views.pixels(chw))
+        assert pixels.shape[0] == VIEWS
+        with torch.no_grad():
+            expected = tower(pixels.contiguous(memory_format=torch.channels_last)).mean(0)
+        torch.testing.assert_close(multi.features[row], expected, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(centre.features[row], expected, atol=1e-4)  # the centre crop alone differs
+    with pytest.raises(Exception, match="cache_views"):
+        load_config("tiny", ["train.cache_views=five"])
