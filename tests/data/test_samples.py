@@ -19,12 +19,16 @@ def test_gzip_regions_read_as_the_plain_json_does() -> None:
     plain = sample_parts({"jpg": b"jpeg bytes", "json": json.dumps(META).encode()})
     packed = sample_parts({"jpg": b"jpeg bytes", "json.gz": gzip.compress(json.dumps(META).encode())})
     assert packed == plain and packed[0] is None and packed[2] == META
+    text = json.dumps(META).encode()  # several gzip members one after another read as one stream, as gzip does
+    members = gzip.compress(text[:20]) + gzip.compress(text[20:])
+    assert gzip.decompress(members) == text and sample_parts({"jpg": b"jpeg bytes", "json.gz": members}) == plain
 
 
 def test_bad_gzip_regions_are_counted_skips() -> None:
     good = gzip.compress(json.dumps(META).encode())
     bomb = gzip.compress(b" " * (MAX_METADATA_BYTES + 1))  # a few KB that would inflate past the limit
-    for bad in (good[:-8], b"not gzip at all", bomb, gzip.compress(b"{not json")):
+    split_bomb = gzip.compress(b" " * MAX_METADATA_BYTES) + gzip.compress(b" ")  # the limit counts every member
+    for bad in (good[:-8], b"not gzip at all", bomb, split_bomb, good + b"trailing", gzip.compress(b"{not json")):
         assert sample_parts({"jpg": b"jpeg bytes", "json.gz": bad})[0] == "bad_json"
     assert sample_parts({"json.gz": good})[0] == "missing_jpg"
 

@@ -76,6 +76,22 @@ def test_resume_keeps_complete_shards_and_rewrites_partial(tmp_path: Path) -> No
     assert meta["regions"][1]["box"] == [2.0, 1.0, 10.0, 5.0]  # (4, 2, 20, 10) scaled by 1/2
 
 
+def test_resume_rewrites_shards_of_an_earlier_sample_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards from a version that stored plain `json` regions are rewritten, not mixed with `json.gz` ones."""
+    from vgclip.prepare import pipeline
+
+    root = tiny_vg(tmp_path / "vg", n_images=4)
+    args = ("--vg-root", str(root), "--out", str(tmp_path / "shards"), "--shard-size", "2", "--workers", "1",
+            "--quiet")
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "SAMPLE_MEMBERS", ("jpg", "json"))  # the fingerprint an earlier version wrote
+        run_prepare(*args)
+    before = {p: p.stat().st_ino for p in (tmp_path / "shards").glob("*/shard-*.tar")}
+    run_prepare(*args)
+    after = {p: p.stat().st_ino for p in (tmp_path / "shards").glob("*/shard-*.tar")}
+    assert sorted(before) == sorted(after) and all(before[p] != after[p] for p in before)
+
+
 def test_process_pool_gives_same_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = tiny_vg(tmp_path / "vg", n_images=6)
     run_prepare("--vg-root", str(root), "--out", str(tmp_path / "a"), "--shard-size", "2", "--workers", "1",
@@ -84,6 +100,18 @@ def test_process_pool_gives_same_shards(tmp_path: Path, capsys: pytest.CaptureFi
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
     summary = capsys.readouterr().out
     assert "train: 5 images, 15 phrases, 3 shards" in summary and "val: 1 images" in summary
+
+
+def test_shard_workers_leave_ctrl_c_to_the_main_process() -> None:
+    """Ctrl-C reaches every process of the group: the workers ignore it (no traceback from each), the main process
+    stops the pool."""
+    import signal
+
+    from vgclip.prepare.pipeline import _worker_pool
+
+    with _worker_pool(2) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN
 
 
 def test_missing_vg_files_are_one_line_errors(tmp_path: Path) -> None:

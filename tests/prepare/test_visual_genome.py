@@ -158,3 +158,13 @@ def test_image_table_reads_image_data_as_a_dict_would(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         table[5]
     assert skips.counts == {"image_data_bad_size": 1, "image_data_not_object": 1}
+
+
+def test_image_table_with_no_usable_entry_is_empty_and_odd_numbers_are_skips(tmp_path: Path) -> None:
+    entries = [{"image_id": 1, "width": 1e30, "height": 10}, {"image_id": 2, "width": 10, "height": 2 ** 40},
+               {"image_id": 3, "width": "10", "height": 10}]
+    (tmp_path / "image_data.json").write_text(json.dumps(entries))
+    skips = Skips()
+    table = read_image_data(tmp_path / "image_data.json", skips)
+    assert len(table) == 0 and 1 not in table and list(table.ids) == []
+    assert skips.counts == {"image_data_bad_size": 2, "image_data_missing_keys": 1}

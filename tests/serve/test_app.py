@@ -206,6 +206,25 @@ def test_cli_stays_light_and_report_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "scores.csv").write_text("image_id,score_a,label_b\nx,0.5,1\n")
     with pytest.raises(VgclipError, match="scores.csv"):
         load_report(tmp_path)
+    (tmp_path / "scores.csv").write_text("image_id,score_a,label_a\nx,0.5,1\ny,nan,0\n")
+    with pytest.raises(VgclipError, match="scores.csv: image 'y' has a score that is not a finite number"):
+        load_report(tmp_path)
+
+
+def test_report_page_json_writes_missing_numbers_as_null(served, tmp_path: Path) -> None:
+    """A report.json may hold NaN (Python's json writes it); the page's document is strict JSON all the same."""
+    import shutil
+
+    from vgclip.serve.report_folder import load_report, page_data, page_json
+
+    folder = shutil.copytree(served[2], tmp_path / "report")
+    report = json.loads((folder / "report.json").read_text())
+    report["mAP"] = float("nan")
+    (folder / "report.json").write_text(json.dumps(report))
+    data = load_report(folder)
+    page = json.loads(page_json(data))  # strict: json.loads would accept NaN, the page's JSON.parse would not
+    assert page["mAP"] is None and "NaN" not in page_json(data).decode()
+    assert page["scores"] == page_data(data)["scores"] and page["image_ids"] == data.image_ids
 
 
 def test_pages_and_api_docs_need_no_internet(served) -> None:

@@ -159,14 +159,21 @@ def sample_parts(parts: dict[str, bytes]) -> tuple[str | None, bytes, Any]:
 
 
 def inflate_metadata(data: bytes) -> bytes:
-    """The JSON inside a gzip member, at most MAX_METADATA_BYTES of it (ValueError beyond, or when truncated)."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and trailer
-    out = inflater.decompress(data, MAX_METADATA_BYTES)
-    if inflater.unconsumed_tail:
-        raise ValueError(f"metadata inflates beyond {MAX_METADATA_BYTES} bytes")
-    if not inflater.eof:
-        raise ValueError("truncated gzip metadata")
-    return out
+    """The JSON inside gzip data (one member, or several one after another as `gzip` reads them), at most
+    MAX_METADATA_BYTES of it (ValueError beyond, or when truncated)."""
+    parts: list[bytes] = []
+    room, rest = MAX_METADATA_BYTES, data
+    while True:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and trailer
+        parts.append(inflater.decompress(rest, room))
+        room -= len(parts[-1])
+        if inflater.unconsumed_tail or (inflater.unused_data and room <= 0):  # max_length 0 would mean no limit
+            raise ValueError(f"metadata inflates beyond {MAX_METADATA_BYTES} bytes")
+        if not inflater.eof:
+            raise ValueError("truncated gzip metadata")
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
 
 
 def scan_shard(shard: Shard, tar_reader: str, *, check_text: bool) -> int:

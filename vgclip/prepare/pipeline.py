@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +34,8 @@ from vgclip.prepare.cleaning import CleaningSettings, Skips, split_sizes
 from vgclip.prepare.spool import Spool, item_of_key, split_order, spool_records
 from vgclip.data.images import DEFAULT_MAX_PIXELS
 from vgclip.prepare.shard_writer import (
-    FORMATS, ShardResult, ShardTask, result_from_json, shard_name, state_path, tfrecord_writer_class, write_shard,
+    FORMATS, SAMPLE_MEMBERS, ShardResult, ShardTask, result_from_json, shard_name, state_path, tfrecord_writer_class,
+    write_shard,
 )
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_path
@@ -60,7 +62,8 @@ class PrepareSettings:
     def fingerprint(self) -> str:
         """Hash of the settings that change a shard's bytes (not workers, not split sizes)."""
         keys = {"max_side": self.max_side, "format": self.format, "jpeg_quality": self.jpeg_quality,
-                "max_pixels": self.max_pixels, "cleaning": asdict(self.cleaning)}
+                "max_pixels": self.max_pixels, "cleaning": asdict(self.cleaning),
+                "members": SAMPLE_MEMBERS}  # shards of an earlier layout (plain `json`) are rewritten on resume
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -210,14 +213,23 @@ def _worker_pool(workers: int) -> Iterator[cf.ProcessPoolExecutor | None]:
     # module (breaking scripts without a __main__ guard, stdin, notebooks). Elsewhere fork is
     # unsafe (macOS) or missing.
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_interrupts)
     try:
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            # The first task forks every worker (a fork pool starts them all at once): now, while the index is empty.
-            pool.submit(int).result()
-            yield pool
+        # The first task forks every worker (a fork pool starts them all at once): now, while the index is empty.
+        pool.submit(int).result()
+        yield pool
     except BrokenProcessPool:
         raise VgclipError("a shard-writing process died (out of memory?); rerun the same command to resume "
                            "(finished shards are kept), perhaps with fewer --workers") from None
+    finally:
+        # After an error or Ctrl-C, queued shards are dropped and the ones being written finish (each is atomic).
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_interrupts() -> None:
+    """Worker start-up: Ctrl-C reaches the whole process group; only the main process answers it (no traceback
+    from every worker), and it stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_tasks(tasks: Iterator[ShardTask], pool: cf.ProcessPoolExecutor | None, window: int) -> Iterator[ShardResult]:

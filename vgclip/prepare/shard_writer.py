@@ -27,6 +27,7 @@ from vgclip.errors import VgclipError
 from vgclip.io import atomic_write_text
 
 FORMATS = {"webdataset": ".tar", "tfrecord": ".tfrecord"}
+SAMPLE_MEMBERS = ("jpg", "json.gz")  # a webdataset sample's members (TFRecord features: key, jpg, json)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _write_samples(path: Path, samples, fmt: str) -> None:
                 for key, jpeg, meta in samples:
                     # mtime 0: the same input gives byte-identical shards (resume compares nothing else)
                     packed = gzip.compress(meta, compresslevel=6, mtime=0)
-                    for ext, data in (("jpg", jpeg), ("json.gz", packed)):
+                    for ext, data in zip(SAMPLE_MEMBERS, (jpeg, packed)):
                         _add_member(tar, f"{key}.{ext}", data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -28,6 +28,7 @@ from vgclip.errors import VgclipError
 IMAGE_DIRS = ("VG_100K", "VG_100K_2")
 IMAGE_DATA = "image_data.json"
 REGION_DESCRIPTIONS = "region_descriptions.json"
+MAX_SIDE = 1 << 20  # a recorded width or height beyond this is a broken entry (image_data_bad_size), not a photo
 
 
 def _backend():
@@ -108,7 +109,8 @@ class ImageTable:
     def __init__(self, ids: Sequence[int], widths: Sequence[int], heights: Sequence[int], subdirs: Sequence[int]) -> None:
         order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
         ids_sorted = np.asarray(ids, dtype=np.int64)[order]
-        last = np.r_[ids_sorted[1:] != ids_sorted[:-1], True]  # the last entry of each id
+        last = np.ones(len(ids_sorted), dtype=bool)  # the last entry of each id
+        last[:-1] = ids_sorted[1:] != ids_sorted[:-1]
         self.ids, order = ids_sorted[last], order[last]
         self.widths = np.asarray(widths, dtype=np.int64)[order]
         self.heights = np.asarray(heights, dtype=np.int64)[order]
@@ -149,7 +151,7 @@ def read_image_data(path: str | Path, skips: Skips) -> ImageTable:
         if not _is_int(image_id) or not _is_number(width) or not _is_number(height):
             skips.add(f"image_data[{n}]", "image_data_missing_keys")
             continue
-        if width <= 0 or height <= 0:
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
             skips.add(f"vg:{int(image_id)}", "image_data_bad_size")
             continue
         url = entry.get("url") or ""

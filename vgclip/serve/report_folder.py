@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,9 @@ def read_scores_csv(path: Path) -> tuple[list[str], list[str], np.ndarray, np.nd
         raise VgclipError(f"{path}: bad row ({exc})") from None
     if scores.shape != (len(ids), c) or labels.shape != scores.shape:
         raise VgclipError(f"{path}: every row needs {2 * c + 1} fields")
+    if not np.isfinite(scores).all():
+        row = int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])
+        raise VgclipError(f"{path}: image {ids[row]!r} has a score that is not a finite number")
     return ids, classes, scores, labels, valid
 
 
@@ -168,9 +172,20 @@ def page_json(data: ReportData) -> bytes:
     """`page_data` as compact JSON bytes, built on the first call and kept: the report does not change while
     the server runs, and FastAPI's generic encoder walks the N x C score lists on every request."""
     if data.page_bytes is None:
-        data.page_bytes = json.dumps(page_data(data), separators=(",", ":"), ensure_ascii=False,
+        data.page_bytes = json.dumps(_json_safe(page_data(data)), separators=(",", ":"), ensure_ascii=False,
                                      allow_nan=False).encode("utf-8")
     return data.page_bytes
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity as None (null: JSON has no such numbers; a report.json may hold them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def tune_on_report(data: ReportData, objective: str, mode: str) -> dict[str, Any]:

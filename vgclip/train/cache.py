@@ -43,7 +43,7 @@ from vgclip.data.pairing import choose_pair, stable_seed
 from vgclip.data.samples import ShardRange, read_ranges, shard_sizes
 from vgclip.data.shard_locations import Shard, is_pattern, is_remote, list_shards, read_manifest
 from vgclip.data.transforms import PixelTransform, stack_images
-from vgclip.data.views import eval_transform
+from vgclip.data.views import VIEWS, MultiCropTransform, eval_transform
 from vgclip.errors import VgclipError
 from vgclip.io import atomic_path, atomic_write_text
 from vgclip.train.distributed import DistInfo, all_ranks, barrier, gather_bytes, gather_bytes_to_main
@@ -53,7 +53,7 @@ __all__ = ["CACHE_FILE", "INDEX_FILE", "CachedImageClip", "FeatureCache", "build
 
 CACHE_FILE = "image_features.safetensors"
 INDEX_FILE = "image_features.json"
-BLOCK = 64  # images per forward while building: fixed, so that any number of ranks computes the same rows
+BLOCK = 64  # tower inputs per forward while building: fixed, so that any number of ranks computes the same rows
 
 
 def image_tower_locked(config: Config) -> bool:
@@ -147,12 +147,12 @@ def compute_features(visual: nn.Module, shards: list[Shard], transform: PixelTra
 
 def _pooled(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """The tower's output [b, F] for a block [b, 3, S, S], or the mean over the views of a multi-crop
-    block [b, V, 3, S, S] (one forward per view, so a block costs V single-view forwards of b images)."""
+    block [b, V, 3, S, S] (its b x V views in one forward, as large as a centre-crop block's)."""
     if pixels.dim() == 4:
         return visual(pixels).float().cpu()
-    views = [visual(pixels[:, v].contiguous(memory_format=torch.channels_last)).float()
-             for v in range(pixels.shape[1])]
-    return torch.stack(views).mean(0).cpu()
+    b, v = pixels.shape[:2]
+    flat = pixels.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    return visual(flat).float().view(b, v, -1).mean(1).cpu()
 
 
 def _block_ranges(sizes: list[int], block: int, rank: int, world_size: int, workers: int
@@ -263,7 +263,10 @@ def build_feature_cache(config: Config, *, data_dir: Path, run_dir: Path, visual
 def _build(config: Config, shards: list[Shard], visual: nn.Module, eval_tf: Any, info: DistInfo, path: Path,
            index_path: Path, wanted: str) -> None:
     """Every rank computes its share of the rows; rank 0 gathers them in rank order and writes both files."""
-    features, keys, metas = compute_features(visual, shards, eval_tf, info.device, data_cfg=config.data,
+    # A block is BLOCK tower inputs: BLOCK images, or BLOCK / VIEWS images of VIEWS views each (the loader's
+    # blocks in flight then take the memory of centre-crop ones, not VIEWS times it).
+    block = BLOCK // VIEWS if isinstance(eval_tf, MultiCropTransform) else BLOCK
+    features, keys, metas = compute_features(visual, shards, eval_tf, info.device, block, data_cfg=config.data,
                                              rank=info.rank, world_size=info.world_size)
     feature_parts = gather_bytes_to_main(save({"features": features.contiguous()}), info)
     index_parts = gather_bytes_to_main(json.dumps({"keys": keys, "metas": metas}).encode(), info)
