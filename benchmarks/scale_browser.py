@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 DRAWN = ("document.querySelectorAll('#per-class tbody tr').length > 0 && "
          "document.getElementById('curve').childElementCount > 0")

@@ -221,7 +221,7 @@ def test_voc_class_lines_look_like_real_voc2007():
 def test_deterministic_and_streams_differ(tmp_path):
     a = write_synthetic_vg(tmp_path / "a", 4, seed=7, **SIZES)
     b = write_synthetic_vg(tmp_path / "b", 4, seed=7, **SIZES)
-    c = write_synthetic_vg(tmp_path / "c", 4, seed=8, **SIZES)
+    write_synthetic_vg(tmp_path / "c", 4, seed=8, **SIZES)
     write_synthetic_voc(tmp_path / "v", 4, seed=7, **SIZES)
     assert a == b
 
