@@ -72,16 +72,21 @@ def two_ranks(shards, tmp_path_factory) -> tuple[Path, list[list[dict]]]:
     return root, run_gloo_workers(_rank_worker, 2, args=(str(shards), str(root)), timeout=240)
 
 
+def _one_thread_build(shards: Path, run: Path, *extra: str):
+    """A one-process build with one torch thread, as each gloo rank runs: the same float reduction order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(shards, run, D.DistInfo(), 0, 0, *extra)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_two_rank_build_equals_one_process_build_bit_for_bit(shards, two_ranks, tmp_path):
     root, results = two_ranks
     assert [r[0] for r in results] == [{"rows": N_TRAIN}] * 2
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = _build(shards, tmp_path / "one", D.DistInfo())
-    finally:
-        torch.set_num_threads(threads)
+    single = _one_thread_build(shards, tmp_path / "one")
     assert len(single) == N_TRAIN
     two, one = load_file(str(root / "shared" / CACHE_FILE)), load_file(str(tmp_path / "one" / CACHE_FILE))
     assert two["features"].shape == (N_TRAIN, 6) and torch.equal(two["features"], one["features"])
@@ -94,12 +99,7 @@ def test_two_rank_build_equals_one_process_build_bit_for_bit(shards, two_ranks, 
 def test_two_rank_multi_view_build_equals_one_process_build_bit_for_bit(shards, two_ranks, tmp_path):
     root, results = two_ranks
     assert [r[2] for r in results] == [{"rows": N_TRAIN}] * 2
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _build(shards, tmp_path / "one", D.DistInfo(), 0, 0, "train.cache_views=multi")
-    finally:
-        torch.set_num_threads(threads)
+    _one_thread_build(shards, tmp_path / "one", "train.cache_views=multi")
     two, one = load_file(str(root / "shared-multi" / CACHE_FILE)), load_file(str(tmp_path / "one" / CACHE_FILE))
     assert torch.equal(two["features"], one["features"])
     centre = load_file(str(root / "shared" / CACHE_FILE))
