@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from tests._paths import ROOT, SHARED_DATA
 from tests.prepare._shard_reading import shard_samples
 from vgclip.commands import prepare
 from vgclip.errors import VgclipError
+from vgclip.prepare.cleaning import Skips
+from vgclip.prepare.pipeline import PrepareSettings, run_prepare as run_prepare_job
 
 DATA = SHARED_DATA
 COCO = DATA / "coco-mini"
@@ -112,6 +115,19 @@ def test_shard_workers_leave_ctrl_c_to_the_main_process() -> None:
     with _worker_pool(2) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+
+
+def test_shard_writers_start_before_the_first_record_is_read(tmp_path: Path) -> None:
+    started = []
+
+    def records():
+        started.append(len(multiprocessing.active_children()))
+        yield from ()
+
+    with pytest.raises(VgclipError, match="no usable image"):
+        run_prepare_job(records(), tmp_path / "out", PrepareSettings(workers=2), Skips(), {})
+    assert started == [2]  # forked while this process held no index: each would otherwise count it again
+    assert not multiprocessing.active_children()  # and shut down with the run
 
 
 def test_missing_vg_files_are_one_line_errors(tmp_path: Path) -> None:

@@ -1,9 +1,7 @@
-"""vgclip/prepare/spool.py: the array index gives the split `assign_split` gives, duplicates and collisions included;
-the shard writers are forked before any record is read."""
+"""vgclip/prepare/spool.py: the array index gives the split `assign_split` gives, duplicates and collisions included."""
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vgclip.errors import VgclipError
-from vgclip.prepare import pipeline
 from vgclip.prepare.cleaning import MAX_EXAMPLES_PER_REASON, Skips, assign_split, split_sizes
 from vgclip.prepare.spool import Spool, split_order, spool_records
 
@@ -59,15 +55,3 @@ def test_add_many_counts_all_and_reads_only_the_examples_kept() -> None:
     skips.add_many("beyond_split_sizes", 5000, items())
     assert skips.counts["beyond_split_sizes"] == 5000 and len(read) == len(skips.items) == MAX_EXAMPLES_PER_REASON
 
-
-def test_shard_writers_start_before_the_first_record_is_read(tmp_path: Path) -> None:
-    started = []
-
-    def records():
-        started.append(len(multiprocessing.active_children()))
-        yield from ()
-
-    with pytest.raises(VgclipError, match="no usable image"):
-        pipeline.run_prepare(records(), tmp_path / "out", pipeline.PrepareSettings(workers=2), Skips(), {})
-    assert started == [2]  # forked while this process held no index: each would otherwise count it again
-    assert not multiprocessing.active_children()  # and shut down with the run

@@ -175,12 +175,15 @@ def _write_all_shards(out: Path, spool: Spool, split_positions: dict[str, np.nda
     plan = list(_plan_tasks(out, split_positions, settings))
     results: list[ShardResult] = []
     bar = tqdm(total=len(plan), unit="shard", desc="writing shards", disable=not progress, file=sys.stderr)
+    images = 0
 
     def keep(result: ShardResult) -> None:
+        nonlocal images
         result.keys = []  # in the shard's .state file for resume; the manifest needs only the counts
         results.append(result)
+        images += result.images
         bar.update(1)
-        bar.set_postfix(images=sum(r.images for r in results))
+        bar.set_postfix(images=images)
 
     def tasks() -> Iterator[ShardTask]:
         for split, index, positions in plan:
